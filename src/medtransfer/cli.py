@@ -1,0 +1,184 @@
+"""The `medtransfer` command line. Each command parses its options, imports lazily and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="medtransfer",
+    help="Transfer learning for 3D (and 2D) medical image analysis: a model zoo that loads every published "
+    "checkpoint of MedicalNet, VDT, Models Genesis, MIS-FM and BenchmarkTransferLearning with a load report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(
+    help="Models and weights: list the zoo, inspect a weight file, convert one to the normalised format.",
+    no_args_is_help=True,
+)
+app.add_typer(zoo_app, name="zoo")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"medtransfer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress and load reports in detail."),
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+@zoo_app.command("list")
+def zoo_list(
+    pattern: str = typer.Argument("*", help="Shell-style pattern of model names, e.g. 'medicalnet_*'."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List models: name, family, parameters, published weights and the input they expect."""
+    from dataclasses import asdict
+
+    from .zoo.tools import describe_models
+
+    infos = describe_models(pattern)
+    if not infos:
+        _fail(ValueError(f"no model matches '{pattern}'"))
+    if as_json:
+        typer.echo(json.dumps([asdict(i) for i in infos], indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"medtransfer model zoo ({len(infos)} models)")
+    for col in ("model", "family", "dims", "encoder params", "published weights", "input contract"):
+        table.add_column(col, overflow="fold")
+    for i in infos:
+        weights = "\n".join(w.split(".", 1)[1] for w in i.weights) or "-"
+        table.add_row(i.name, i.family, f"{i.spatial_dims}D", _millions(i.encoder_parameters), weights, i.input_contract)
+    console.print(table)
+
+
+@zoo_app.command("inspect")
+def zoo_inspect(
+    file: Path = typer.Argument(..., help="A weight file (.pth, .pt, .pth.tar, .pkl, .safetensors)."),
+    source: str = typer.Option("auto", help="Checkpoint format; 'auto' detects it from the key signature."),
+    show_all: bool = typer.Option(False, "--all", help="Also list the models the file does not fit."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Detect a weight file's format, count its tensors, and show which models it fits and with what coverage.
+
+    The file is read without executing anything in it.
+    """
+    from .errors import MedTransferError
+    from .zoo.tools import inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(file, source=source)
+    except MedTransferError as exc:
+        _fail(exc)
+    fits = info.fits if show_all else [f for f in info.fits if f.ok]
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "file": str(info.path),
+                    "source": info.source,
+                    "tensors": info.tensors,
+                    "parameters": info.parameters,
+                    "key_groups": info.key_groups,
+                    "metadata": info.metadata,
+                    "fits": [
+                        {"model": f.model, "ok": f.ok, "coverage": round(f.coverage, 6), "note": f.reason}
+                        for f in fits
+                    ],
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        return
+    from rich.table import Table
+
+    console.print(f"[bold]{info.path}[/]")
+    console.print(f"  detected source : {info.source}")
+    console.print(f"  tensors         : {info.tensors} ({_millions(info.parameters)} floating-point values)")
+    groups = ", ".join(f"{k} ({v})" for k, v in sorted(info.key_groups.items()))
+    console.print(f"  key groups      : {groups}", highlight=False)
+    table = Table(title="models this file fits" if not show_all else "all models")
+    for col in ("model", "fits", "encoder coverage", "note"):
+        table.add_column(col, overflow="fold")
+    for f in fits:
+        table.add_row(f.model, "yes" if f.ok else "no", f"{f.coverage:.1%}", f.reason)
+    if not fits:
+        console.print("[yellow]  this file fits no registered model (use --all to see why)[/]")
+    else:
+        console.print(table)
+
+
+@zoo_app.command("convert")
+def zoo_convert(
+    file: Path = typer.Argument(..., help="A weight file in any supported format."),
+    model: str = typer.Option(..., "--model", "-m", help="Target model name (see `medtransfer zoo list`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file; '.safetensors' is appended if missing."),
+    task: str = typer.Option("segmentation", help="segmentation, classification or features."),
+    num_classes: Optional[int] = typer.Option(None, help="Output classes (default: the file's own head, if any)."),
+    in_channels: Optional[int] = typer.Option(None, help="Input channels (the input convolution is adapted)."),
+    source: str = typer.Option("auto", help="Checkpoint format; 'auto' detects it."),
+    min_coverage: Optional[float] = typer.Option(None, help="Fail when less of the encoder loads (0-1)."),
+    inflate: str = typer.Option("i3d", help="2D->3D kernel inflation: i3d (repeat and divide) or centre."),
+) -> None:
+    """Convert a weight file to medtransfer's normalised format (safetensors + JSON metadata) and print the report."""
+    from .errors import MedTransferError
+    from .zoo.tools import convert_checkpoint
+
+    try:
+        path, report = convert_checkpoint(
+            file,
+            model,
+            out,
+            task=task,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            source=source,
+            min_coverage=min_coverage,
+            inflate=inflate,
+        )
+    except (MedTransferError, ValueError, TypeError) as exc:
+        _fail(exc)
+    console.print(report)
+    console.print(f"wrote [bold]{path}[/] ({len(report.loaded)} tensors from the file)")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

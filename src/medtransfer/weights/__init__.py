@@ -1,0 +1,1 @@
+"""Reading, converting, adapting and reporting on weight files."""

@@ -1,0 +1,246 @@
+"""Adapt a converted state_dict to a model, load it, and report exactly what happened.
+
+Silent partial loads are the most-reported bug of every seed system (MedicalNet on CPU loads nothing, the
+BenchmarkTransferLearning loader keeps ``encoder_q.`` and loads nothing). Here every load returns a
+:class:`LoadReport`; loading no encoder weights, or encoder tensors of the wrong shape, is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointMismatchError
+from .inflate import adapt_input_channels, inflate_conv_weight
+
+log = logging.getLogger(__name__)
+
+# Counters, not weights: never counted as missing and never held against coverage.
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load did. ``print(report)`` shows it as a table."""
+
+    source: str
+    model: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    adapted: list[tuple[str, str]] = field(default_factory=list)  # (key, what was done)
+    encoder_total: int = 0
+    encoder_loaded: int = 0
+    encoder_mismatched: list[str] = field(default_factory=list)
+    path: str | None = None
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the model's encoder tensors that came from the checkpoint."""
+        return self.encoder_loaded / self.encoder_total if self.encoder_total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "model": self.model,
+            "path": self.path,
+            "coverage": round(self.coverage, 6),
+            "encoder_loaded": self.encoder_loaded,
+            "encoder_total": self.encoder_total,
+            "loaded": len(self.loaded),
+            "missing": list(self.missing),
+            "unexpected": list(self.unexpected),
+            "mismatched": [[k, list(a), list(b)] for k, a, b in self.mismatched],
+            "adapted": [list(a) for a in self.adapted],
+        }
+
+    def summary(self) -> str:
+        return (
+            f"{self.source} -> {self.model}: encoder coverage {self.coverage:.1%} "
+            f"({self.encoder_loaded}/{self.encoder_total}), loaded {len(self.loaded)}, missing {len(self.missing)}, "
+            f"unexpected {len(self.unexpected)}, shape-mismatched {len(self.mismatched)}, adapted {len(self.adapted)}"
+        )
+
+    def __str__(self) -> str:
+        rows = [
+            ("source", self.source),
+            ("file", self.path or "-"),
+            ("model", self.model),
+            ("encoder coverage", f"{self.coverage:.1%} ({self.encoder_loaded}/{self.encoder_total} tensors)"),
+            ("loaded", str(len(self.loaded))),
+            ("missing", _short(self.missing)),
+            ("unexpected", _short(self.unexpected)),
+            ("shape-mismatched", _short([f"{k} {list(a)} vs model {list(b)}" for k, a, b in self.mismatched])),
+            ("adapted", _short([f"{k}: {what}" for k, what in self.adapted])),
+        ]
+        width = max(len(r[0]) for r in rows)
+        lines = ["LoadReport"] + [f"  {name.ljust(width)} | {value}" for name, value in rows]
+        return "\n".join(lines)
+
+    def __rich__(self):
+        from rich.table import Table
+
+        table = Table(title=f"LoadReport: {self.source} -> {self.model}", show_header=True)
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        table.add_column("keys")
+        table.add_row("encoder coverage", f"{self.coverage:.1%}", f"{self.encoder_loaded}/{self.encoder_total}")
+        table.add_row("loaded", str(len(self.loaded)), "")
+        table.add_row("missing", str(len(self.missing)), _short(self.missing))
+        table.add_row("unexpected", str(len(self.unexpected)), _short(self.unexpected))
+        table.add_row(
+            "shape-mismatched",
+            str(len(self.mismatched)),
+            _short([f"{k} {list(a)}->{list(b)}" for k, a, b in self.mismatched]),
+        )
+        table.add_row("adapted", str(len(self.adapted)), _short([f"{k}: {w}" for k, w in self.adapted]))
+        return table
+
+
+def _short(keys: list[str], limit: int = 4) -> str:
+    if not keys:
+        return "-"
+    head = ", ".join(keys[:limit])
+    return f"{len(keys)}: {head}" + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")
+
+
+def _counted(key: str) -> bool:
+    return not key.endswith(_IGNORED_SUFFIXES)
+
+
+def _fit_tensor(
+    key: str, value: torch.Tensor, target: torch.Tensor, first_conv: bool, inflate: str
+) -> tuple[torch.Tensor | None, str]:
+    """Return ``value`` reshaped to fit ``target`` (inflated, channel-adapted) or None if it cannot fit."""
+    done: list[str] = []
+    if value.ndim + 1 == target.ndim and value.ndim == 4 and tuple(value.shape[2:]) == tuple(target.shape[3:]):
+        value = inflate_conv_weight(value, target.shape[2], inflate)
+        done.append(f"inflated 2D->3D ({inflate}, depth {target.shape[2]})")
+    if (
+        first_conv
+        and value.ndim == target.ndim
+        and value.shape[0] == target.shape[0]
+        and value.shape[2:] == target.shape[2:]
+        and value.shape[1] != target.shape[1]
+    ):
+        done.append(f"input channels {value.shape[1]}->{target.shape[1]}")
+        value = adapt_input_channels(value, target.shape[1])
+    if value.shape != target.shape:
+        return None, ""
+    return value.to(dtype=target.dtype), "; ".join(done)
+
+
+def plan_load(
+    own: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    encoder_prefixes: tuple[str, ...],
+    first_conv_keys: set[str] | frozenset[str],
+    source: str,
+    model_name: str,
+    inflate: str = "i3d",
+    path: str | None = None,
+) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """Decide, key by key, what of ``state_dict`` fits a model whose own state is ``own``; load nothing.
+
+    Tensors that fit load; a 2D kernel meeting a 3D one is inflated; the input convolution of another channel
+    count is adapted; anything else of another shape is reported as mismatched.
+    """
+
+    def is_encoder(key: str) -> bool:
+        return key.startswith(encoder_prefixes) if encoder_prefixes else True
+
+    report = LoadReport(source=source, model=model_name, path=path)
+    to_load: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            if _counted(key):
+                report.unexpected.append(key)
+            continue
+        fitted, what = _fit_tensor(key, value, own[key], key in first_conv_keys, inflate)
+        if fitted is None:
+            report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+            continue
+        if what:
+            report.adapted.append((key, what))
+        to_load[key] = fitted
+        if _counted(key):
+            report.loaded.append(key)
+    report.missing = [k for k in own if k not in to_load and _counted(k)]
+    counted_encoder = [k for k in own if is_encoder(k) and _counted(k)]
+    report.encoder_total = len(counted_encoder)
+    report.encoder_loaded = sum(1 for k in counted_encoder if k in to_load)
+    report.encoder_mismatched = [m[0] for m in report.mismatched if is_encoder(m[0])]
+    return report, to_load
+
+
+def load_state_dict_with_report(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    model_name: str | None = None,
+    min_coverage: float | None = None,
+    inflate: str = "i3d",
+    path: str | None = None,
+) -> LoadReport:
+    """Load ``state_dict`` (canonical keys) into ``model`` and report.
+
+    Shape differences outside the encoder (a classifier for another number of classes) are skipped and reported.
+    Errors: no encoder tensor loaded, an encoder tensor of another shape (another architecture), or coverage
+    below ``min_coverage``. The model is left untouched when an error is raised.
+    """
+    own = model.state_dict()
+    report, to_load = plan_load(
+        own,
+        state_dict,
+        encoder_prefixes=tuple(getattr(model, "encoder_prefixes", ()) or ()),
+        first_conv_keys=frozenset(getattr(model, "first_conv_keys", ()) or ()),
+        source=source,
+        model_name=model_name or type(model).__name__,
+        inflate=inflate,
+        path=path,
+    )
+    check_fit(report, min_coverage)
+    merged = dict(own)
+    merged.update(to_load)
+    model.load_state_dict(merged, strict=True)
+    _log_report(report)
+    return report
+
+
+def check_fit(report: LoadReport, min_coverage: float | None = None) -> None:
+    """Raise :class:`CheckpointMismatchError` for a load that must not go ahead."""
+    where = f"{report.path}: " if report.path else ""
+    encoder_mismatch = [m for m in report.mismatched if m[0] in set(report.encoder_mismatched)]
+    if report.encoder_loaded == 0:
+        sample = ", ".join(report.unexpected[:3]) or "none"
+        raise CheckpointMismatchError(
+            f"{where}no encoder weights of '{report.model}' were found in this {report.source} checkpoint "
+            f"(checkpoint keys such as {sample} match nothing). It was made for another architecture; "
+            "`medtransfer zoo inspect FILE` lists the models it fits.\n" + str(report)
+        )
+    if encoder_mismatch:
+        k, a, b = encoder_mismatch[0]
+        raise CheckpointMismatchError(
+            f"{where}{len(encoder_mismatch)} encoder tensors of this {report.source} checkpoint have other shapes "
+            f"than '{report.model}' (e.g. {k}: file {list(a)} vs model {list(b)}): it was made for another "
+            "architecture or other arguments (depth, shortcut, widths). `medtransfer zoo inspect FILE` lists the "
+            "models it fits.\n" + str(report)
+        )
+    if min_coverage is not None and report.coverage < min_coverage:
+        raise CheckpointMismatchError(
+            f"{where}encoder coverage {report.coverage:.1%} is below min_coverage={min_coverage:.1%}.\n" + str(report)
+        )
+
+
+def _log_report(report: LoadReport) -> None:
+    if report.coverage < 1.0 or report.unexpected:
+        log.warning("partial load: %s", report.summary())
+    else:
+        log.info("%s", report.summary())

@@ -1,0 +1,151 @@
+"""Converters for the 3D seed systems' checkpoint formats, our own normalised format, and plain state_dicts.
+
+| source      | on disk                                                                   | canonical keys            |
+|-------------|---------------------------------------------------------------------------|---------------------------|
+| medicalnet  | ``{'state_dict': {'module.conv1.weight', ...}}`` (+ ``ecpoch``/``optimizer`` when fine-tuned) | MedicalNet ResNet |
+| genesis     | ``{'epoch', 'state_dict': {'module.down_tr64...'}, 'optimizer_state_dict'}`` | Models Genesis UNet3D  |
+| pymic       | ``{'iteration', 'valid_pred', 'model_state_dict', 'optimizer_state_dict'}`` | FMUNet / PCT-Net       |
+| mmcv        | ``{'meta', 'state_dict', 'optimizer'?}``, keys with or without ``backbone.`` | VDT ResNet3D (+ ``fc``) |
+| medtransfer | safetensors with a JSON ``medtransfer`` header entry                        | as written                |
+| plain       | any other dict of tensors, optionally under ``state_dict``/``model``        | ``module.`` stripped      |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from .sources import (
+    Source,
+    StateDict,
+    drop_keys,
+    is_tensor_dict,
+    keys_start_with,
+    register_source,
+    strip_prefixes,
+    tensors_only,
+    unwrap,
+)
+
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "network", "resnet")
+
+
+@dataclass
+class NormalisedWeights:
+    """A file in medtransfer's own format: tensors plus the metadata written with them."""
+
+    state_dict: StateDict
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _inner(obj: Any, key: str = "state_dict") -> Mapping:
+    inner = obj.get(key) if isinstance(obj, Mapping) else None
+    return inner if isinstance(inner, Mapping) else {}
+
+
+def _strip_module(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    return strip_prefixes(tensors_only(sd), ["module."])
+
+
+# -- medtransfer ----------------------------------------------------------------------------------------------------
+register_source(
+    Source(
+        name="medtransfer",
+        description="medtransfer's normalised format: safetensors + JSON metadata (zoo convert)",
+        detect=lambda obj: isinstance(obj, NormalisedWeights),
+        convert=lambda obj: dict(obj.state_dict),
+        priority=0,
+    )
+)
+
+
+# -- PyMIC (MIS-FM) -------------------------------------------------------------------------------------------------
+register_source(
+    Source(
+        name="pymic",
+        description="PyMIC / MIS-FM: {'model_state_dict', 'iteration', 'valid_pred', 'optimizer_state_dict'}",
+        detect=lambda obj: is_tensor_dict(_inner(obj, "model_state_dict")),
+        convert=lambda obj: _strip_module(obj["model_state_dict"]),
+        priority=10,
+    )
+)
+
+
+# -- mmcv (VDT / CSPR) ----------------------------------------------------------------------------------------------
+def _detect_mmcv(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and "meta" in obj and is_tensor_dict(_inner(obj))
+
+
+def _convert_mmcv(obj: Any) -> StateDict:
+    sd = strip_prefixes(tensors_only(obj["state_dict"]), ["module."])
+    sd = strip_prefixes(sd, ["backbone.", "head."])  # head.fc.* -> fc.* (the classifier of a full mmcls model)
+    return drop_keys(sd, ["neck."])
+
+
+register_source(
+    Source(
+        name="mmcv",
+        description="mmcv/mmcls (VDT): {'meta', 'state_dict'}, keys with or without 'backbone.'",
+        detect=_detect_mmcv,
+        convert=_convert_mmcv,
+        priority=20,
+    )
+)
+
+
+# -- Models Genesis -------------------------------------------------------------------------------------------------
+def _detect_genesis(obj: Any) -> bool:
+    sd = _strip_module(_inner(obj))
+    return any(k.startswith("down_tr64.") for k in sd) and any(k.startswith("out_tr.") or k.startswith("down_tr512.") for k in sd)
+
+
+register_source(
+    Source(
+        name="genesis",
+        description="Models Genesis: {'epoch', 'state_dict' ('module.' prefix), 'optimizer_state_dict'}",
+        detect=_detect_genesis,
+        convert=lambda obj: _strip_module(obj["state_dict"]),
+        priority=30,
+    )
+)
+
+
+# -- MedicalNet -----------------------------------------------------------------------------------------------------
+def _detect_medicalnet(obj: Any) -> bool:
+    sd = _strip_module(_inner(obj))
+    w = sd.get("conv1.weight")
+    return w is not None and w.ndim == 5 and any(k.startswith("layer1.0.") for k in sd)
+
+
+register_source(
+    Source(
+        name="medicalnet",
+        description="MedicalNet (Med3D): {'state_dict'} with the DataParallel 'module.' prefix",
+        detect=_detect_medicalnet,
+        convert=lambda obj: _strip_module(obj["state_dict"]),
+        priority=40,
+    )
+)
+
+
+# -- anything else that is a dict of tensors -------------------------------------------------------------------------
+def _plain_state_dict(obj: Any) -> StateDict:
+    sd = unwrap(obj, _WRAPPERS)
+    sd = tensors_only(sd)
+    for prefix in ("module.", "model."):
+        if keys_start_with(sd, prefix, 1.0):
+            sd = strip_prefixes(sd, [prefix])
+    return sd
+
+
+register_source(
+    Source(
+        name="plain",
+        description="a plain state_dict (torch.save(model.state_dict())), optionally nested or 'module.'-prefixed",
+        detect=lambda obj: bool(_plain_state_dict(obj)),
+        convert=_plain_state_dict,
+        priority=1000,
+    )
+)

@@ -1,0 +1,176 @@
+"""The one builder: construct the architecture from the registry, *then* load weights (timm's build-then-load split)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import CheckpointError, MedTransferError, UnknownModelError
+from ..weights.adapt import LoadReport, load_state_dict_with_report
+from ..weights.io import read_checkpoint
+from ..weights.sources import StateDict, convert
+from .pretrained import PretrainedCfg, cached_file
+from .registry import TASKS, ModelEntry, get_entry
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``'medicalnet_resnet10.23dataset'`` -> ``('medicalnet_resnet10', '23dataset')``."""
+    base, _, tag = name.partition(".")
+    return base, (tag or None)
+
+
+def read_converted(path: str | os.PathLike, source: str = "auto") -> tuple[StateDict, str, dict[str, Any]]:
+    """Read a weight file safely and convert it to canonical keys: (state_dict, source name, file metadata)."""
+    raw = read_checkpoint(path)
+    try:
+        sd, chosen = convert(raw.obj, source)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{raw.path}: {exc}") from None
+    return sd, chosen.name, raw.metadata
+
+
+def _resolve_pretrained(
+    entry: ModelEntry, tag: str | None, pretrained: bool | str | os.PathLike
+) -> tuple[Path | None, PretrainedCfg | None]:
+    if pretrained is False or pretrained is None:
+        return None, entry.pretrained_cfg(tag) if tag else None
+    if pretrained is True:
+        cfg = entry.pretrained_cfg(tag)
+        if cfg is None:
+            raise UnknownModelError(
+                f"model '{entry.name}' has no published weights; pass pretrained='path/to/file' for your own"
+            )
+        return cached_file(cfg), cfg
+    if isinstance(pretrained, (str, os.PathLike)):
+        path = Path(pretrained).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such weight file (pretrained= takes True, False or a file path)")
+        return path, entry.pretrained_cfg(tag) if tag else None
+    raise TypeError(f"pretrained must be True, False or a file path, got {type(pretrained).__name__}")
+
+
+def _accepted_kwargs(entry: ModelEntry) -> set[str] | None:
+    params = inspect.signature(entry.fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+def create_model(
+    name: str,
+    *,
+    task: str = "segmentation",
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    pretrained: bool | str | os.PathLike = False,
+    source: str = "auto",
+    min_coverage: float | None = None,
+    inflate: str = "i3d",
+    **arch_kwargs: Any,
+) -> nn.Module:
+    """Build a registered model and optionally load weights into it.
+
+    Args:
+        name: a name from :func:`list_models`, optionally with a weight tag (``medicalnet_resnet10.23dataset``).
+        task: ``segmentation`` (logits at input size), ``classification`` (``(N, C)`` logits) or ``features``.
+        num_classes: output classes; default: the class count of the checkpoint's own head when it has one, else
+            the model's default.
+        in_channels: input channels; default: the model's native count (1 for 3D models, 3 for ``resnet50_2d``).
+            A checkpoint trained on another count has its input convolution adapted.
+        pretrained: ``True`` (published weights from the cache, see ``MEDTRANSFER_HOME``), ``False``, or a path.
+        source: checkpoint format, ``auto`` detects it from the file's key signature.
+        min_coverage: raise if less than this fraction of the encoder tensors loads.
+        inflate: how 2D kernels become 3D ones (``i3d`` or ``centre``).
+        **arch_kwargs: architecture options of the family (``shortcut='B'``, ``decoder='unet'``, ...). Options a
+            checkpoint implies (MedicalNet shortcut type, output classes) are read from it unless given here.
+
+    The load report is kept on the model as ``model.load_report`` and logged.
+    """
+    base, tag = split_name(name)
+    entry = get_entry(base)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got '{task}'")
+    if task not in entry.tasks:
+        raise ValueError(f"model '{base}' does not support task '{task}'; it supports {', '.join(entry.tasks)}")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+
+    path, cfg = _resolve_pretrained(entry, tag, pretrained)
+    state_dict = source_name = None
+    kwargs = dict(cfg.arch_kwargs) if cfg else {}
+    if path is not None:
+        state_dict, source_name, meta = read_converted(path, cfg.source if (cfg and source == "auto") else source)
+        inferred = dict(meta.get("arch_kwargs", {})) if meta else {}
+        if entry.infer_kwargs is not None:
+            inferred.update(entry.infer_kwargs(state_dict))
+        ckpt_classes = inferred.pop("num_classes", None)
+        kwargs.update(inferred)
+        if num_classes is None and ckpt_classes is not None:
+            num_classes = int(ckpt_classes)
+    kwargs.update(arch_kwargs)
+
+    accepted = _accepted_kwargs(entry)
+    if accepted is not None:
+        unknown = sorted(set(arch_kwargs) - accepted)
+        if unknown:
+            options = ", ".join(sorted(accepted - {"task", "num_classes", "in_channels"})) or "none"
+            raise TypeError(f"model '{base}' has no option {', '.join(unknown)}; its options: {options}")
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+
+    model = entry.fn(
+        task=task,
+        num_classes=num_classes if num_classes is not None else entry.default_num_classes,
+        in_channels=in_channels if in_channels is not None else entry.default_in_channels,
+        **kwargs,
+    )
+    model.model_name = base
+    model.arch_kwargs = dict(kwargs)
+    model.pretrained_cfg = cfg
+    model.load_report = None
+    if state_dict is not None:
+        model.load_report = load_state_dict_with_report(
+            model,
+            state_dict,
+            source=source_name,
+            model_name=base,
+            min_coverage=min_coverage,
+            inflate=inflate,
+            path=str(path),
+        )
+    return model
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    source: str = "auto",
+    min_coverage: float | None = None,
+    inflate: str = "i3d",
+) -> LoadReport:
+    """Load a weight file of any supported format into ``model`` and return the :class:`LoadReport`.
+
+    Raises :class:`~medtransfer.errors.CheckpointMismatchError` when no encoder tensor loads, when encoder tensors
+    have other shapes, or when coverage is below ``min_coverage``; the model is then left unchanged.
+    """
+    state_dict, source_name, _ = read_converted(path, source)
+    report = load_state_dict_with_report(
+        model,
+        state_dict,
+        source=source_name,
+        model_name=getattr(model, "model_name", type(model).__name__),
+        min_coverage=min_coverage,
+        inflate=inflate,
+        path=str(path),
+    )
+    model.load_report = report
+    return report
+
+
+__all__ = ["create_model", "load_checkpoint", "read_converted", "split_name", "MedTransferError"]

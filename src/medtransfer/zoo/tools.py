@@ -1,0 +1,201 @@
+"""What the `medtransfer zoo` commands do: list models, inspect a weight file, convert it to the normalised format."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import CheckpointMismatchError, MedTransferError
+from ..weights.adapt import LoadReport, check_fit, plan_load
+from ..weights.io import save_safetensors
+from .builder import create_model, read_converted
+from .registry import ModelEntry, get_entry, list_models
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    family: str
+    description: str
+    spatial_dims: int
+    parameters: int  # encoder + the default segmentation head, as built by create_model(name)
+    encoder_parameters: int
+    weights: list[str]  # full names name.tag of published weights
+    input_contract: str
+
+
+def _count(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> int:
+    return sum(
+        p.numel() for k, p in model.named_parameters() if prefixes is None or not prefixes or k.startswith(prefixes)
+    )
+
+
+def describe_model(name: str) -> ModelInfo:
+    entry = get_entry(name)
+    with torch.device("meta"):
+        model = create_model(name, task="features")
+    cfg = entry.pretrained_cfg()
+    contract = "-"
+    if cfg is not None:
+        parts = [cfg.modality, f"{cfg.in_channels} ch", cfg.intensity]
+        if cfg.spacing:
+            parts.append("spacing " + "x".join(f"{s:g}" for s in cfg.spacing) + " mm")
+        if cfg.patch_size:
+            parts.append("patch " + "x".join(str(s) for s in cfg.patch_size))
+        contract = "; ".join(p for p in parts if p)
+    return ModelInfo(
+        name=name,
+        family=entry.family,
+        description=entry.description,
+        spatial_dims=entry.spatial_dims,
+        parameters=_count(model),
+        encoder_parameters=_count(model, tuple(model.encoder_prefixes)),
+        weights=[c.full_name for c in entry.pretrained],
+        input_contract=contract,
+    )
+
+
+def describe_models(pattern: str = "*") -> list[ModelInfo]:
+    return [describe_model(n) for n in list_models(pattern)]
+
+
+@dataclass
+class ModelFit:
+    model: str
+    coverage: float
+    ok: bool
+    reason: str
+    report: LoadReport | None = None
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    source: str
+    tensors: int
+    parameters: int
+    key_groups: dict[str, int]
+    metadata: dict[str, Any]
+    fits: list[ModelFit] = field(default_factory=list)
+
+
+def _plan_for(entry: ModelEntry, state_dict: dict[str, torch.Tensor], source: str, path: Path) -> ModelFit:
+    kwargs = entry.infer_kwargs(state_dict) if entry.infer_kwargs else {}
+    num_classes = kwargs.pop("num_classes", None) or entry.default_num_classes
+    try:
+        with torch.device("meta"):
+            model = entry.fn(task="segmentation", num_classes=num_classes, in_channels=entry.default_in_channels, **kwargs)
+    except (TypeError, ValueError) as exc:
+        return ModelFit(entry.name, 0.0, False, f"cannot build with {kwargs}: {exc}")
+    report, _ = plan_load(
+        model.state_dict(),
+        state_dict,
+        encoder_prefixes=tuple(model.encoder_prefixes),
+        first_conv_keys=frozenset(model.first_conv_keys),
+        source=source,
+        model_name=entry.name,
+        path=str(path),
+    )
+    try:
+        check_fit(report)
+    except CheckpointMismatchError as exc:
+        return ModelFit(entry.name, report.coverage, False, str(exc).split("\n")[0].split(": ", 1)[-1], report)
+    note = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    return ModelFit(entry.name, report.coverage, True, note, report)
+
+
+def inspect_checkpoint(path: str | os.PathLike, source: str = "auto") -> CheckpointInfo:
+    """Detect a file's source, count its tensors, and measure how well it fits every registered model."""
+    path = Path(path)
+    state_dict, source_name, metadata = read_converted(path, source)
+    groups: dict[str, int] = {}
+    for key in state_dict:
+        head = key.split(".")[0]
+        groups[head] = groups.get(head, 0) + 1
+    info = CheckpointInfo(
+        path=path,
+        source=source_name,
+        tensors=len(state_dict),
+        parameters=sum(v.numel() for k, v in state_dict.items() if v.is_floating_point()),
+        key_groups=groups,
+        metadata=metadata,
+    )
+    for name in list_models():
+        info.fits.append(_plan_for(get_entry(name), state_dict, source_name, path))
+    info.fits.sort(key=lambda f: (not f.ok, -f.coverage, f.model))
+    return info
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_checkpoint(
+    path: str | os.PathLike,
+    model_name: str,
+    out: str | os.PathLike,
+    *,
+    task: str = "segmentation",
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    source: str = "auto",
+    min_coverage: float | None = None,
+    inflate: str = "i3d",
+    **arch_kwargs: Any,
+) -> tuple[Path, LoadReport]:
+    """Load ``path`` into ``model_name`` and write the tensors that came from the file as safetensors + metadata.
+
+    Only tensors taken from the checkpoint are written (after adaptation), never the random initialisation of
+    the parts it lacks, so the output holds exactly what the report says was loaded.
+    """
+    path = Path(path)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out.with_name(out.name + ".safetensors")
+    if out.resolve() == path.resolve():
+        raise MedTransferError(f"{out}: the output would overwrite the input; choose another -o path")
+    model = create_model(
+        model_name,
+        task=task,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        pretrained=path,
+        source=source,
+        min_coverage=min_coverage,
+        inflate=inflate,
+        **arch_kwargs,
+    )
+    report: LoadReport = model.load_report
+    loaded = set(report.loaded)
+    state = model.state_dict()
+    # keep a BatchNorm's step counter with the statistics it belongs to
+    keep = {k for k in state if k in loaded or (k.endswith("num_batches_tracked") and k.rsplit(".", 1)[0] + ".running_mean" in loaded)}
+    tensors = {k: v for k, v in state.items() if k in keep}
+    base = model.model_name
+    entry = get_entry(base)
+    resolved = dict(getattr(model, "arch_kwargs", {}) or {})
+    metadata = {
+        "format": "medtransfer-weights/1",
+        "model": base,
+        "family": entry.family,
+        "task": task,
+        "arch_kwargs": resolved,
+        "in_channels": in_channels if in_channels is not None else entry.default_in_channels,
+        "converted_from": {"file": path.name, "sha256": _sha256(path), "source": report.source},
+        "load_report": report.to_dict(),
+        "pretrained_cfg": model.pretrained_cfg.to_dict() if model.pretrained_cfg else None,
+        "medtransfer_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    save_safetensors(tensors, out, metadata)
+    return out, report

@@ -57,6 +57,14 @@ class ModelEntry:
     # Reads a (converted) checkpoint state_dict and returns architecture kwargs it implies, e.g. the shortcut type
     # of a MedicalNet file or the class count of a whole network's output layer. User-given kwargs win.
     infer_kwargs: Callable[[Mapping[str, torch.Tensor]], dict] | None = None
+    # A small valid spatial input size (tests, benchmarks, docs); None: 16x32x32 in 3D, 64x64 in 2D.
+    example_size: tuple[int, ...] | None = None
+
+    @property
+    def small_input_size(self) -> tuple[int, ...]:
+        if self.example_size is not None:
+            return tuple(self.example_size)
+        return (64, 64) if self.spatial_dims == 2 else (16, 32, 32)
 
     def pretrained_cfg(self, tag: str | None = None) -> PretrainedCfg | None:
         if not self.pretrained:
@@ -84,6 +92,7 @@ def register_model(
     tasks: tuple[str, ...] = TASKS,
     pretrained: tuple[PretrainedCfg, ...] = (),
     infer_kwargs: Callable[[Mapping[str, torch.Tensor]], dict] | None = None,
+    example_size: tuple[int, ...] | None = None,
 ):
     """Decorator registering an entry function ``fn(*, task, num_classes, in_channels, **arch_kwargs)``."""
 
@@ -104,6 +113,7 @@ def register_model(
             tasks=tasks,
             pretrained=tuple(pretrained),
             infer_kwargs=infer_kwargs,
+            example_size=example_size,
         )
         return fn
 

@@ -1,0 +1,158 @@
+"""Every registered model, with tiny inputs: the public API contract and loading of the official wrapper formats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import medtransfer as mt
+from medtransfer.errors import CheckpointMismatchError, UnknownModelError, WeightsNotFoundError
+from medtransfer.weights.export import export_official
+
+FIXED_NAMES = {
+    "medicalnet_resnet10",
+    "medicalnet_resnet18",
+    "medicalnet_resnet34",
+    "medicalnet_resnet50",
+    "medicalnet_resnet101",
+    "medicalnet_resnet152",
+    "medicalnet_resnet200",
+    "genesis_unet3d",
+    "fmunet",
+    "pctnet",
+    "vdt_resnet18_3d",
+    "resnet50_2d",
+}
+# Small enough for 2 CPU cores; the deep MedicalNet variants are covered by key/parameter tests on the meta device.
+FORWARD_MODELS = [
+    "medicalnet_resnet10",
+    "medicalnet_resnet18",
+    "medicalnet_resnet50",
+    "genesis_unet3d",
+    "fmunet",
+    "pctnet",
+    "vdt_resnet18_3d",
+    "resnet50_2d",
+]
+# Whole networks are compared on their full output, backbones on forward_features (the acceptance protocol).
+WHOLE_NETWORKS = {"genesis_unet3d", "fmunet", "pctnet"}
+
+
+def _input(name: str, batch: int = 1) -> torch.Tensor:
+    entry = mt.get_entry(name)
+    return torch.randn(batch, entry.default_in_channels, *entry.small_input_size, generator=torch.Generator().manual_seed(3))
+
+
+def test_every_fixed_name_is_registered():
+    assert FIXED_NAMES <= set(mt.list_models())
+    assert mt.list_models("medicalnet_*") == sorted(n for n in FIXED_NAMES if n.startswith("medicalnet_"))
+    assert mt.list_models("nothing*") == []
+
+
+@pytest.mark.parametrize("name", FORWARD_MODELS)
+def test_output_shapes_for_each_task(name):
+    x = _input(name, batch=2)
+    for task in mt.get_entry(name).tasks:
+        model = mt.create_model(name, task=task, num_classes=3).eval()
+        with torch.no_grad():
+            out = model(x)
+            feats = model.forward_features(x)
+        if task == "segmentation":
+            assert out.shape == (2, 3, *x.shape[2:]), task
+        elif task == "classification":
+            assert out.shape == (2, 3), task
+        else:
+            assert torch.equal(out, feats)
+        assert feats.ndim == x.ndim and feats.shape[0] == 2
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_NAMES))
+def test_every_model_builds_on_meta_with_encoder_keys(name):
+    with torch.device("meta"):
+        model = mt.create_model(name, task="features")
+    keys = list(model.state_dict())
+    encoder = [k for k in keys if k.startswith(model.encoder_prefixes)]
+    assert encoder, "encoder_prefixes match no key"
+    assert set(model.first_conv_keys) <= set(keys)
+
+
+def _official_checkpoint(name: str, tmp_path, task: str, num_classes: int):
+    """A random-weight model of ``name`` saved in the official on-disk format of its first published file."""
+    entry = mt.get_entry(name)
+    cfg = entry.pretrained[0]
+    torch.manual_seed(11)
+    reference = mt.create_model(name, task=task, num_classes=num_classes)
+    # Give BatchNorm running statistics non-trivial values so that loading them is visible in eval outputs.
+    with torch.no_grad():
+        for k, v in reference.state_dict().items():
+            if k.endswith("running_mean"):
+                v.uniform_(-0.1, 0.1)
+            elif k.endswith("running_var"):
+                v.uniform_(0.5, 1.5)
+    sd = reference.state_dict()
+    if name not in WHOLE_NETWORKS:
+        sd = {k: v for k, v in sd.items() if k.startswith(reference.encoder_prefixes)}
+    fmt = {"medicalnet": "medicalnet", "genesis": "genesis", "pymic": "pymic", "mmcv": "mmcv"}.get(cfg.source, "torchvision")
+    path = export_official(sd, tmp_path / cfg.file_name, fmt)
+    return reference.eval(), path, cfg
+
+
+@pytest.mark.parametrize("name", FORWARD_MODELS)
+def test_official_format_loads_with_full_coverage_and_identical_outputs(name, tmp_path):
+    whole = name in WHOLE_NETWORKS
+    task, classes = ("segmentation", mt.get_entry(name).default_num_classes) if whole else ("classification", 4)
+    reference, path, cfg = _official_checkpoint(name, tmp_path, task, classes)
+    model = mt.create_model(name, task=task, num_classes=classes if not whole else None, pretrained=path).eval()
+    report = model.load_report
+    assert report.coverage == 1.0 and report.encoder_mismatched == []
+    assert report.source == cfg.source or (cfg.source not in {"medicalnet", "genesis", "pymic", "mmcv"})
+    assert report.unexpected == []
+    x = _input(name)
+    with torch.no_grad():
+        if whole:
+            torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(model.forward_features(x), reference.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pretrained_true_without_the_file_names_the_address_and_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDTRANSFER_HOME", str(tmp_path / "home"))
+    cfg = mt.get_entry("genesis_unet3d").pretrained[0]
+    with pytest.raises(WeightsNotFoundError) as info:
+        mt.create_model("genesis_unet3d", pretrained=True)
+    msg = str(info.value)
+    assert cfg.url in msg and str(tmp_path / "home" / "weights" / cfg.file_name) in msg and "never downloads" in msg
+
+
+def test_pretrained_true_reads_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDTRANSFER_HOME", str(tmp_path))
+    reference, path, cfg = _official_checkpoint("medicalnet_resnet10", tmp_path / "weights", "classification", 2)
+    model = mt.create_model("medicalnet_resnet10", task="classification", pretrained=True)
+    assert model.load_report.coverage == 1.0 and model.pretrained_cfg is cfg
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path):
+    _, path, _ = _official_checkpoint("medicalnet_resnet10", tmp_path, "features", 2)
+    with pytest.raises(CheckpointMismatchError, match="no encoder weights of 'genesis_unet3d'"):
+        mt.create_model("genesis_unet3d", pretrained=path)
+    with pytest.raises(CheckpointMismatchError, match="other shapes than 'medicalnet_resnet50'"):
+        mt.create_model("medicalnet_resnet50", pretrained=path)
+
+
+def test_load_checkpoint_into_an_existing_model(tmp_path):
+    reference, path, _ = _official_checkpoint("medicalnet_resnet10", tmp_path, "features", 2)
+    model = mt.create_model("medicalnet_resnet10", task="segmentation", num_classes=2)
+    report = mt.load_checkpoint(model, path, min_coverage=1.0)
+    assert report.coverage == 1.0 and report.source == "medicalnet"
+    assert sorted(report.missing) == sorted(k for k in model.state_dict() if k.startswith("conv_seg.") and not k.endswith("num_batches_tracked"))
+
+
+def test_unknown_names_and_bad_arguments():
+    with pytest.raises(UnknownModelError, match="unknown model 'resnet51_2d'"):
+        mt.create_model("resnet51_2d")
+    with pytest.raises(ValueError, match="task must be one of"):
+        mt.create_model("medicalnet_resnet10", task="detection")
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        mt.create_model("medicalnet_resnet10", num_classes=0)
+    with pytest.raises(UnknownModelError, match="no published weights tagged 'nope'"):
+        mt.create_model("medicalnet_resnet10.nope", pretrained=True)

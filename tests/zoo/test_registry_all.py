@@ -49,7 +49,7 @@ def test_every_fixed_name_is_registered():
     assert mt.list_models("nothing*") == []
 
 
-@pytest.mark.parametrize("name", FORWARD_MODELS)
+@pytest.mark.parametrize("name", [n for n in FORWARD_MODELS if n != "medicalnet_resnet50"])  # R50: see loading test
 def test_output_shapes_for_each_task(name):
     x = _input(name, batch=2)
     for task in mt.get_entry(name).tasks:

@@ -214,7 +214,7 @@ def test_infer_kwargs_reads_the_architecture_of_a_checkpoint():
     with torch.device("meta"):
         source = FMUNet(num_classes=5, feature_chns=(8, 16, 32, 64, 128), depth=3, res_mode=1)
     inferred = _infer_kwargs(source.state_dict())
-    assert inferred == {"num_classes": 5, "feature_chns": (8, 16, 32, 64, 128), "depth": 3, "res_mode": 1}
+    assert inferred == {"head_classes": {"segmentation": 5}, "feature_chns": (8, 16, 32, 64, 128), "depth": 3, "res_mode": 1}
     encoder_only = {k: v for k, v in source.state_dict().items() if source.is_encoder_key(k)}
     assert "num_classes" not in _infer_kwargs(encoder_only)
     assert _infer_kwargs({}) == {}

@@ -193,7 +193,7 @@ def test_prelu_option_has_the_official_activation_keys():
 
 
 def test_infer_kwargs_reads_the_class_count_and_activation():
-    assert _infer_kwargs({"out_tr.final_conv.weight": torch.zeros(3, 64, 1, 1, 1)}) == {"num_classes": 3}
+    assert _infer_kwargs({"out_tr.final_conv.weight": torch.zeros(3, 64, 1, 1, 1)}) == {"head_classes": {"segmentation": 3}}
     assert _infer_kwargs({"down_tr64.ops.0.conv1.weight": torch.zeros(32, 1, 3, 3, 3)}) == {}
     assert _infer_kwargs({"down_tr64.ops.0.activation.weight": torch.zeros(32)}) == {"act": "prelu"}
 

@@ -180,7 +180,7 @@ def test_encoder_prefixes_and_first_convs():
 def test_infer_kwargs_reads_classes_and_widths():
     sd = meta_model(num_classes=5, feature_chns=(32, 64, 128, 256, 512)).state_dict()
     assert _infer_from_state_dict(sd) == {
-        "num_classes": 5,
+        "head_classes": {"segmentation": 5},
         "feature_chns": [32, 64, 128, 256, 512],
         "num_heads": [4, 8, 16],
         "window_sizes": [6, 6, 6],

@@ -156,3 +156,38 @@ def test_unknown_names_and_bad_arguments():
         mt.create_model("medicalnet_resnet10", num_classes=0)
     with pytest.raises(UnknownModelError, match="no published weights tagged 'nope'"):
         mt.create_model("medicalnet_resnet10.nope", pretrained=True)
+
+
+@pytest.mark.parametrize("mode", ["i3d", "centre"])
+def test_a_2d_resnet50_initialises_the_3d_resnet50(tmp_path, mode):
+    torch.manual_seed(5)
+    source = mt.create_model("resnet50_2d", task="features")
+    sd2 = {k: v for k, v in source.state_dict().items()}
+    path = export_official(sd2, tmp_path / "moco_like.pth", "torchvision")
+    model = mt.create_model("medicalnet_resnet50", task="features", pretrained=path, inflate=mode)
+    report = model.load_report
+    assert report.coverage == 1.0 and report.unexpected == [] and report.mismatched == []
+    adapted = dict(report.adapted)
+    assert adapted["conv1.weight"] == f"inflated 2D->3D ({mode}, depth 7); input channels 3->1"
+    assert adapted["layer1.0.conv2.weight"] == f"inflated 2D->3D ({mode}, depth 3)"
+    sd3 = model.state_dict()
+    stem = sd2["conv1.weight"].mean(dim=1, keepdim=True)
+    k3 = sd2["layer2.0.conv2.weight"]
+    if mode == "centre":
+        torch.testing.assert_close(sd3["conv1.weight"][:, :, 3], stem)
+        torch.testing.assert_close(sd3["layer2.0.conv2.weight"][:, :, 1], k3)
+    else:  # repeated over depth and divided: the depth sum is the 2D kernel
+        torch.testing.assert_close(sd3["conv1.weight"].sum(dim=2), stem)
+        torch.testing.assert_close(sd3["layer2.0.conv2.weight"].sum(dim=2), k3)
+    assert torch.equal(sd3["layer4.2.bn3.running_var"], sd2["layer4.2.bn3.running_var"])
+
+
+def test_a_checkpoint_head_sets_the_class_count_only_for_its_own_task(tmp_path):
+    torch.manual_seed(0)
+    imagenet = mt.create_model("resnet50_2d", task="classification", num_classes=1000)
+    path = export_official(imagenet.state_dict(), tmp_path / "resnet50.pth", "torchvision")
+    clf = mt.create_model("resnet50_2d", task="classification", pretrained=path)
+    assert clf.fc.out_features == 1000 and clf.load_report.missing == []
+    seg = mt.create_model("resnet50_2d", task="segmentation", pretrained=path)
+    assert seg.decoder.head.out_channels == mt.get_entry("resnet50_2d").default_num_classes
+    assert seg.load_report.unexpected == ["fc.weight", "fc.bias"]

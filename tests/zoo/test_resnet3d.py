@@ -201,13 +201,13 @@ def test_infer_medicalnet_kwargs():
     r18 = meta_model(r3d.medicalnet_resnet18, task="features", num_classes=None).state_dict()
     r10 = meta_model(r3d.medicalnet_resnet10, task="segmentation", num_classes=5).state_dict()
     assert r3d.infer_medicalnet_kwargs(r18) == {"shortcut": "A"}
-    assert r3d.infer_medicalnet_kwargs(r10) == {"shortcut": "B", "num_classes": 5}
+    assert r3d.infer_medicalnet_kwargs(r10) == {"shortcut": "B", "head_classes": {"segmentation": 5}}
     assert r3d.infer_medicalnet_kwargs({}) == {}
     assert r3d.infer_medicalnet_kwargs({"conv1.weight": torch.zeros(64, 1, 7, 7, 7)}) == {}
 
 
 def test_infer_vdt_kwargs():
-    assert r3d.infer_vdt_kwargs({"fc.weight": torch.zeros(7, 512), "fc.bias": torch.zeros(7)}) == {"num_classes": 7}
+    assert r3d.infer_vdt_kwargs({"fc.weight": torch.zeros(7, 512), "fc.bias": torch.zeros(7)}) == {"head_classes": {"classification": 7}}
     assert r3d.infer_vdt_kwargs({"conv1.weight": torch.zeros(64, 1, 7, 7, 7)}) == {}
 
 

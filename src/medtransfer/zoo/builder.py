@@ -109,7 +109,8 @@ def create_model(
         inferred = dict(meta.get("arch_kwargs", {})) if meta else {}
         if entry.infer_kwargs is not None:
             inferred.update(entry.infer_kwargs(state_dict))
-        ckpt_classes = inferred.pop("num_classes", None)
+        # a head's class count applies only to the task it belongs to (an ImageNet fc says nothing of a decoder)
+        ckpt_classes = inferred.pop("head_classes", {}).get(task)
         kwargs.update(inferred)
         if num_classes is None and ckpt_classes is not None:
             num_classes = int(ckpt_classes)

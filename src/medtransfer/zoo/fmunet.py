@@ -286,7 +286,7 @@ def _infer_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict:
     kwargs: dict = {}
     out = state_dict.get("out_layers.0.2.weight")
     if out is not None:
-        kwargs["num_classes"] = int(out.shape[0])
+        kwargs["head_classes"] = {"segmentation": int(out.shape[0])}
     norms = [state_dict.get(f"encoder.en_conv{i}.conv_list.0.0.weight") for i in range(5)]
     if all(n is not None for n in norms):
         kwargs["feature_chns"] = tuple(int(n.shape[0]) for n in norms)

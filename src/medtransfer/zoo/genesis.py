@@ -229,7 +229,7 @@ def _infer_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict:
     kwargs: dict = {}
     weight = state_dict.get("out_tr.final_conv.weight")
     if weight is not None:
-        kwargs["num_classes"] = int(weight.shape[0])
+        kwargs["head_classes"] = {"segmentation": int(weight.shape[0])}
     if "down_tr64.ops.0.activation.weight" in state_dict:
         kwargs["act"] = "prelu"
     return kwargs

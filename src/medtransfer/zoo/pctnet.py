@@ -343,7 +343,7 @@ def _infer_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
     out: dict = {}
     heads = sorted(k for k in sd if k.startswith("pred_heads.") and k.endswith(".out_conv0.conv.2.weight"))
     if heads:
-        out["num_classes"] = int(sd[heads[0]].shape[0])
+        out["head_classes"] = {"segmentation": int(sd[heads[0]].shape[0])}
     width_keys = (
         "embeddings.0.proj.weight",
         "embeddings.0.down1.conv.2.weight",

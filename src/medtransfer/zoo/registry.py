@@ -55,7 +55,8 @@ class ModelEntry:
     tasks: tuple[str, ...] = TASKS
     pretrained: tuple[PretrainedCfg, ...] = field(default_factory=tuple)
     # Reads a (converted) checkpoint state_dict and returns architecture kwargs it implies, e.g. the shortcut type
-    # of a MedicalNet file or the class count of a whole network's output layer. User-given kwargs win.
+    # of a MedicalNet file, plus ``head_classes={task: n}`` for the heads it holds (the class count applies only
+    # when the model is built for that task). User-given kwargs win.
     infer_kwargs: Callable[[Mapping[str, torch.Tensor]], dict] | None = None
     # A small valid spatial input size (tests, benchmarks, docs); None: 16x32x32 in 3D, 64x64 in 2D.
     example_size: tuple[int, ...] | None = None

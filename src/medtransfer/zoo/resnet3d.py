@@ -339,7 +339,7 @@ def infer_medicalnet_kwargs(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         out["shortcut"] = "B" if "layer2.0.downsample.0.weight" in sd else "A"
     head = sd.get("conv_seg.6.weight")
     if head is not None:
-        out["num_classes"] = int(head.shape[0])
+        out["head_classes"] = {"segmentation": int(head.shape[0])}
     return out
 
 
@@ -540,7 +540,7 @@ class VDTResNet3d(ResNet3dTrunk):
 def infer_vdt_kwargs(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Class count of a full mmcls classifier (``head.fc`` becomes ``fc`` on conversion)."""
     fc = sd.get("fc.weight")
-    return {"num_classes": int(fc.shape[0])} if fc is not None else {}
+    return {"head_classes": {"classification": int(fc.shape[0])}} if fc is not None else {}
 
 
 _VDT_ALLOWED = (

@@ -87,7 +87,7 @@ class CheckpointInfo:
 
 def _plan_for(entry: ModelEntry, state_dict: dict[str, torch.Tensor], source: str, path: Path) -> ModelFit:
     kwargs = entry.infer_kwargs(state_dict) if entry.infer_kwargs else {}
-    num_classes = kwargs.pop("num_classes", None) or entry.default_num_classes
+    num_classes = kwargs.pop("head_classes", {}).get("segmentation") or entry.default_num_classes
     try:
         with torch.device("meta"):
             model = entry.fn(task="segmentation", num_classes=num_classes, in_channels=entry.default_in_channels, **kwargs)

@@ -50,6 +50,8 @@ def test_zoo_inspect_detects_the_source_and_the_models_it_fits(tmp_path):
     assert info["source"] == "medicalnet"
     fits = {f["model"]: f for f in info["fits"]}
     assert fits["medicalnet_resnet10"]["ok"] and fits["medicalnet_resnet10"]["coverage"] == 1.0
+    assert fits["medicalnet_resnet10"]["file_used"] == 1.0
+    assert fits["medicalnet_resnet18"]["ok"] and fits["medicalnet_resnet18"]["coverage"] < 1.0  # partial: R10 is R18 with one block a stage
     assert "genesis_unet3d" not in fits  # only fitting models without --all
 
 

@@ -72,13 +72,36 @@ def zoo_list(
         return
     from rich.table import Table
 
+    if len(infos) == 1:
+        _print_model_detail(infos[0])
+        return
     table = Table(title=f"medtransfer model zoo ({len(infos)} models)")
-    for col in ("model", "family", "dims", "encoder params", "published weights", "input contract"):
-        table.add_column(col, overflow="fold")
+    table.add_column("model", no_wrap=True)
+    table.add_column("family")
+    table.add_column("dims")
+    table.add_column("encoder", justify="right")
+    table.add_column("published weights (tags)")
+    table.add_column("input (default weights)")
     for i in infos:
-        weights = "\n".join(w.split(".", 1)[1] for w in i.weights) or "-"
+        tags = [w.split(".", 1)[1] for w in i.weights]
+        weights = ", ".join(tags[:3]) + (f" +{len(tags) - 3} more" if len(tags) > 3 else "") if tags else "-"
         table.add_row(i.name, i.family, f"{i.spatial_dims}D", _millions(i.encoder_parameters), weights, i.input_contract)
     console.print(table)
+    console.print("`medtransfer zoo list NAME` shows one model's weights in full: file, address, input contract.")
+
+
+def _print_model_detail(info) -> None:
+    console.print(f"[bold]{info.name}[/] ({info.family}, {info.spatial_dims}D): {info.description}", highlight=False)
+    console.print(f"  parameters: {_millions(info.parameters)} (encoder {_millions(info.encoder_parameters)})")
+    if not info.pretrained:
+        console.print("  no published weights")
+    for cfg in info.pretrained:
+        console.print(f"\n  [bold]{cfg['model']}.{cfg['tag']}[/]  file {cfg['file_name']}  (format {cfg['source']})")
+        for field in ("url", "pretraining", "modality", "in_channels", "intensity", "spacing", "patch_size",
+                      "num_classes", "arch_kwargs", "license", "citation", "notes"):
+            value = cfg.get(field)
+            if value not in (None, "", {}, ()):
+                console.print(f"    {field:12s} {value}", highlight=False, soft_wrap=True)
 
 
 @zoo_app.command("inspect")
@@ -111,7 +134,13 @@ def zoo_inspect(
                     "key_groups": info.key_groups,
                     "metadata": info.metadata,
                     "fits": [
-                        {"model": f.model, "ok": f.ok, "coverage": round(f.coverage, 6), "note": f.reason}
+                        {
+                            "model": f.model,
+                            "ok": f.ok,
+                            "coverage": round(f.coverage, 6),
+                            "file_used": round(f.file_used, 6),
+                            "note": f.reason,
+                        }
                         for f in fits
                     ],
                 },
@@ -128,10 +157,15 @@ def zoo_inspect(
     groups = ", ".join(f"{k} ({v})" for k, v in sorted(info.key_groups.items()))
     console.print(f"  key groups      : {groups}", highlight=False)
     table = Table(title="models this file fits" if not show_all else "all models")
-    for col in ("model", "fits", "encoder coverage", "note"):
-        table.add_column(col, overflow="fold")
+    table.add_column("model", no_wrap=True)
+    table.add_column("fits")
+    table.add_column("encoder loaded", justify="right")
+    table.add_column("file used", justify="right")
+    table.add_column("note", overflow="fold")
     for f in fits:
-        table.add_row(f.model, "yes" if f.ok else "no", f"{f.coverage:.1%}", f.reason)
+        verdict = "no" if not f.ok else ("yes" if f.coverage == 1.0 else "partial")
+        used = f"{f.file_used:.1%}" if f.ok else "-"
+        table.add_row(f.model, verdict, f"{f.coverage:.1%}", used, f.reason)
     if not fits:
         console.print("[yellow]  this file fits no registered model (use --all to see why)[/]")
     else:

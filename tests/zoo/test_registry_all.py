@@ -139,6 +139,17 @@ def test_wrong_architecture_is_a_clear_error(tmp_path):
         mt.create_model("medicalnet_resnet50", pretrained=path)
 
 
+def test_a_deeper_variant_is_not_silently_truncated(tmp_path):
+    _, path, _ = _official_checkpoint("medicalnet_resnet18", tmp_path, "features", 2)
+    with pytest.raises(CheckpointMismatchError, match=r"has 40 encoder tensors that 'medicalnet_resnet10' lacks \(e\.g\. layer1\.1\."):
+        mt.create_model("medicalnet_resnet10", pretrained=path)
+    # the other way round is a partial load: reported, and an error only when asked for
+    model = mt.create_model("medicalnet_resnet34", task="features", pretrained=path)
+    assert model.load_report.coverage == pytest.approx(102 / 198, abs=0.02)
+    with pytest.raises(CheckpointMismatchError, match="below min_coverage=100.0%"):
+        mt.create_model("medicalnet_resnet34", task="features", pretrained=path, min_coverage=1.0)
+
+
 def test_load_checkpoint_into_an_existing_model(tmp_path):
     reference, path, _ = _official_checkpoint("medicalnet_resnet10", tmp_path, "features", 2)
     model = mt.create_model("medicalnet_resnet10", task="segmentation", num_classes=2)

@@ -37,6 +37,7 @@ class LoadReport:
     encoder_total: int = 0
     encoder_loaded: int = 0
     encoder_mismatched: list[str] = field(default_factory=list)
+    encoder_unexpected: list[str] = field(default_factory=list)  # file keys inside the encoder's modules
     path: str | None = None
 
     @property
@@ -176,6 +177,8 @@ def plan_load(
     report.encoder_total = len(counted_encoder)
     report.encoder_loaded = sum(1 for k in counted_encoder if k in to_load)
     report.encoder_mismatched = [m[0] for m in report.mismatched if is_encoder(m[0])]
+    # Only a real prefix list can say that an unexpected key belongs to the encoder.
+    report.encoder_unexpected = [k for k in report.unexpected if encoder_prefixes and is_encoder(k)]
     return report, to_load
 
 
@@ -192,8 +195,8 @@ def load_state_dict_with_report(
     """Load ``state_dict`` (canonical keys) into ``model`` and report.
 
     Shape differences outside the encoder (a classifier for another number of classes) are skipped and reported.
-    Errors: no encoder tensor loaded, an encoder tensor of another shape (another architecture), or coverage
-    below ``min_coverage``. The model is left untouched when an error is raised.
+    Errors: no encoder tensor loaded, an encoder tensor of another shape or one the model lacks (another
+    architecture), or coverage below ``min_coverage``. The model is left untouched when an error is raised.
     """
     own = model.state_dict()
     report, to_load = plan_load(
@@ -232,6 +235,13 @@ def check_fit(report: LoadReport, min_coverage: float | None = None) -> None:
             f"than '{report.model}' (e.g. {k}: file {list(a)} vs model {list(b)}): it was made for another "
             "architecture or other arguments (depth, shortcut, widths). `medtransfer zoo inspect FILE` lists the "
             "models it fits.\n" + str(report)
+        )
+    if report.encoder_unexpected:
+        extra = report.encoder_unexpected
+        raise CheckpointMismatchError(
+            f"{where}this {report.source} checkpoint has {len(extra)} encoder tensors that '{report.model}' lacks "
+            f"(e.g. {', '.join(extra[:3])}): it was made for a deeper or otherwise different variant. "
+            "`medtransfer zoo inspect FILE` lists the models it fits.\n" + str(report)
         )
     if min_coverage is not None and report.coverage < min_coverage:
         raise CheckpointMismatchError(

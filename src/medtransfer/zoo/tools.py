@@ -24,10 +24,11 @@ class ModelInfo:
     family: str
     description: str
     spatial_dims: int
-    parameters: int  # encoder + the default segmentation head, as built by create_model(name)
+    parameters: int  # the segmentation network as built by create_model(name)
     encoder_parameters: int
     weights: list[str]  # full names name.tag of published weights
-    input_contract: str
+    input_contract: str  # short: modality, channels, patch size of the default weights
+    pretrained: list[dict[str, Any]]  # every PretrainedCfg in full
 
 
 def _count(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> int:
@@ -39,16 +40,16 @@ def _count(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> i
 def describe_model(name: str) -> ModelInfo:
     entry = get_entry(name)
     with torch.device("meta"):
-        model = create_model(name, task="features")
+        model = create_model(name, task="segmentation")
     cfg = entry.pretrained_cfg()
     contract = "-"
     if cfg is not None:
-        parts = [cfg.modality, f"{cfg.in_channels} ch", cfg.intensity]
+        parts = [cfg.modality.split(" (")[0], f"{cfg.in_channels} ch"]
         if cfg.spacing:
-            parts.append("spacing " + "x".join(f"{s:g}" for s in cfg.spacing) + " mm")
+            parts.append("x".join(f"{s:g}" for s in cfg.spacing) + " mm")
         if cfg.patch_size:
-            parts.append("patch " + "x".join(str(s) for s in cfg.patch_size))
-        contract = "; ".join(p for p in parts if p)
+            parts.append("x".join(str(s) for s in cfg.patch_size))
+        contract = ", ".join(p for p in parts if p)
     return ModelInfo(
         name=name,
         family=entry.family,
@@ -58,6 +59,7 @@ def describe_model(name: str) -> ModelInfo:
         encoder_parameters=_count(model, tuple(model.encoder_prefixes)),
         weights=[c.full_name for c in entry.pretrained],
         input_contract=contract,
+        pretrained=[c.to_dict() for c in entry.pretrained],
     )
 
 
@@ -72,6 +74,7 @@ class ModelFit:
     ok: bool
     reason: str
     report: LoadReport | None = None
+    file_used: float = 0.0  # fraction of the file's tensors that load into the model
 
 
 @dataclass
@@ -104,10 +107,21 @@ def _plan_for(entry: ModelEntry, state_dict: dict[str, torch.Tensor], source: st
     )
     try:
         check_fit(report)
-    except CheckpointMismatchError as exc:
-        return ModelFit(entry.name, report.coverage, False, str(exc).split("\n")[0].split(": ", 1)[-1], report)
+    except CheckpointMismatchError:
+        return ModelFit(entry.name, report.coverage, False, _why_not(report), report)
     note = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-    return ModelFit(entry.name, report.coverage, True, note, report)
+    counted = len(report.loaded) + len(report.unexpected) + len(report.mismatched)
+    used = len(report.loaded) / counted if counted else 0.0
+    return ModelFit(entry.name, report.coverage, True, note, report, used)
+
+
+def _why_not(report: LoadReport) -> str:
+    if report.encoder_loaded == 0:
+        return "no encoder tensor matches"
+    if report.encoder_mismatched:
+        k, a, b = next(m for m in report.mismatched if m[0] in set(report.encoder_mismatched))
+        return f"{len(report.encoder_mismatched)} encoder tensors of other shapes (e.g. {k} {list(a)} vs {list(b)})"
+    return f"{len(report.encoder_unexpected)} file tensors the model lacks (e.g. {report.encoder_unexpected[0]})"
 
 
 def inspect_checkpoint(path: str | os.PathLike, source: str = "auto") -> CheckpointInfo:
@@ -128,7 +142,7 @@ def inspect_checkpoint(path: str | os.PathLike, source: str = "auto") -> Checkpo
     )
     for name in list_models():
         info.fits.append(_plan_for(get_entry(name), state_dict, source_name, path))
-    info.fits.sort(key=lambda f: (not f.ok, -f.coverage, f.model))
+    info.fits.sort(key=lambda f: (not f.ok, -(f.coverage + f.file_used), f.model))
     return info
 
 

@@ -74,6 +74,16 @@ def run_one(name: str, size: tuple[int, ...], repeats: int, device: str, amp: bo
     }
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="*", help="shell pattern of model names")
@@ -92,14 +102,13 @@ def main() -> None:
 
         entry = mt.get_entry(args.one)
         size = SIZE_2D if entry.spatial_dims == 2 else size3d
-        if entry.example_size is not None and entry.spatial_dims == 3 and args.one == "pctnet":
-            size = tuple(entry.example_size)  # PCT-Net runs at the size its windows were built for
         print(json.dumps(run_one(args.one, size, args.repeats, args.device, args.amp, args.threads)))
         return
 
     import torch
 
     import medtransfer as mt
+    from medtransfer.provenance import versions
 
     names = [n for n in mt.list_models() if fnmatch.fnmatchcase(n, args.models)]
     results = []
@@ -117,7 +126,7 @@ def main() -> None:
         shape = "x".join(map(str, r["input"]))
         print(f"{name:24s} {shape:>22s} {r['parameters'] / 1e6:8.2f}M {r['fwd_bwd_median_s']:10.3f} {r['peak_memory_mb']:9.0f}")
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
     payload = {
         "benchmark": "zoo forward+backward, batch 1, task segmentation, 2 classes, train mode",
         "device": args.device,
@@ -125,8 +134,7 @@ def main() -> None:
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
         "amp_bf16": args.amp,
-        "torch": torch.__version__,
-        "medtransfer": mt.__version__,
+        "versions": versions(),
         "command": " ".join(["python", "benchmarks/zoo.py"] + sys.argv[1:]),
         "results": results,
     }

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..errors import CheckpointMismatchError, MedTransferError
 from ..weights.adapt import LoadReport, check_fit, plan_load
+from ..provenance import versions
 from ..weights.io import save_safetensors
 from .builder import create_model, read_converted
 from .registry import ModelEntry, get_entry, list_models
@@ -208,8 +208,7 @@ def convert_checkpoint(
         "converted_from": {"file": path.name, "sha256": _sha256(path), "source": report.source},
         "load_report": report.to_dict(),
         "pretrained_cfg": model.pretrained_cfg.to_dict() if model.pretrained_cfg else None,
-        "medtransfer_version": __version__,
-        "torch_version": torch.__version__,
+        "versions": versions(),
     }
     save_safetensors(tensors, out, metadata)
     return out, report

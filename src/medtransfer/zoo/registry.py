@@ -6,6 +6,7 @@ Entry functions build the architecture only (timm's build-then-load split): they
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -137,8 +138,8 @@ def get_entry(name: str) -> ModelEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = fnmatch.filter(_REGISTRY, f"*{name.split('_')[-1]}*") if name else []
-        hint = f" Did you mean: {', '.join(sorted(close)[:5])}?" if close else ""
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise UnknownModelError(
             f"unknown model '{name}'.{hint} `medtransfer zoo list` shows all {len(_REGISTRY)} models."
         ) from None

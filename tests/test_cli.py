@@ -93,3 +93,13 @@ def test_zoo_convert_into_the_wrong_model_fails_without_writing(tmp_path):
     result = runner.invoke(app, ["zoo", "convert", str(path), "-m", "genesis_unet3d", "-o", str(out)])
     assert result.exit_code == 2 and "no encoder weights of 'genesis_unet3d'" in result.output
     assert not out.exists()
+
+
+def test_a_converted_file_remembers_its_input_channels(tmp_path):
+    _, path = _medicalnet10_file(tmp_path)
+    out = tmp_path / "r10x4.safetensors"
+    result = runner.invoke(app, ["zoo", "convert", str(path), "-m", "medicalnet_resnet10", "-o", str(out), "--in-channels", "4"])
+    assert result.exit_code == 0, result.output
+    assert "input channels 1->4" in result.output
+    model = mt.create_model("medicalnet_resnet10", task="features", pretrained=out)
+    assert model.conv1.in_channels == 4 and model.load_report.adapted == []

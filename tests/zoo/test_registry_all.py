@@ -196,3 +196,17 @@ def test_a_checkpoint_head_sets_the_class_count_only_for_its_own_task(tmp_path):
     seg = mt.create_model("resnet50_2d", task="segmentation", pretrained=path)
     assert seg.decoder.head.out_channels == mt.get_entry("resnet50_2d").default_num_classes
     assert seg.load_report.unexpected == ["fc.weight", "fc.bias"]
+
+
+def test_every_published_file_has_a_known_format_and_a_complete_record():
+    from medtransfer.weights.sources import get_source
+    from medtransfer.zoo.registry import all_pretrained_cfgs
+
+    cfgs = all_pretrained_cfgs()
+    assert len(cfgs) >= 12 + 4 + 18  # MedicalNet 11, VDT 1, Genesis 1, MIS-FM 2, BenchmarkTransferLearning 19
+    names = [c.full_name for c in cfgs]
+    assert len(names) == len(set(names))
+    for cfg in cfgs:
+        assert get_source(cfg.source).name == cfg.source
+        assert cfg.file_name and cfg.url.startswith("https://"), cfg.full_name
+        assert cfg.citation and cfg.license and cfg.modality, cfg.full_name

@@ -114,6 +114,8 @@ def create_model(
         kwargs.update(inferred)
         if num_classes is None and ckpt_classes is not None:
             num_classes = int(ckpt_classes)
+        if in_channels is None and meta.get("in_channels"):
+            in_channels = int(meta["in_channels"])  # a converted file records the channel count it was made for
     kwargs.update(arch_kwargs)
 
     accepted = _accepted_kwargs(entry)

@@ -93,6 +93,7 @@ def zoo_list(
 def _print_model_detail(info) -> None:
     console.print(f"[bold]{info.name}[/] ({info.family}, {info.spatial_dims}D): {info.description}", highlight=False)
     console.print(f"  parameters: {_millions(info.parameters)} (encoder {_millions(info.encoder_parameters)})")
+    console.print(f"  options   : {', '.join(info.options) or '-'} (keyword arguments of create_model)", highlight=False)
     if not info.pretrained:
         console.print("  no published weights")
     for cfg in info.pretrained:

@@ -179,7 +179,9 @@ def test_encoder_prefixes_and_first_convs():
 
 def test_infer_kwargs_reads_classes_and_widths():
     sd = meta_model(num_classes=5, feature_chns=(32, 64, 128, 256, 512)).state_dict()
-    assert _infer_from_state_dict(sd) == {
+    inferred = _infer_from_state_dict(sd)
+    assert inferred.pop("notes")[0].startswith("PCT-Net files hold all three resolution variants")
+    assert inferred == {
         "head_classes": {"segmentation": 5},
         "feature_chns": [32, 64, 128, 256, 512],
         "num_heads": [4, 8, 16],

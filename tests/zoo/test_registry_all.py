@@ -210,3 +210,26 @@ def test_every_published_file_has_a_known_format_and_a_complete_record():
         assert get_source(cfg.source).name == cfg.source
         assert cfg.file_name and cfg.url.startswith("https://"), cfg.full_name
         assert cfg.citation and cfg.license and cfg.modality, cfg.full_name
+
+
+@pytest.mark.parametrize("name", mt.list_models())
+def test_unknown_options_get_one_clear_error(name):
+    options = mt.get_entry(name).arch_options
+    with pytest.raises(TypeError, match=rf"model '{name}' has no option bogus; its options: "):
+        mt.create_model(name, bogus=1)
+    assert all(isinstance(o, str) for o in options)
+
+
+def test_a_file_of_another_family_loads_with_a_note(tmp_path):
+    torch.manual_seed(0)
+    vdt = mt.create_model("vdt_resnet18_3d", task="features")
+    path = export_official(vdt.state_dict(), tmp_path / "vdt.pth", "mmcv")
+    model = mt.create_model("medicalnet_resnet18", task="features", pretrained=path)
+    assert model.load_report.coverage == 1.0 and model.arch_kwargs["shortcut"] == "B"
+    assert model.load_report.notes == [
+        "the file is in VDT's 'mmcv' format, not MedicalNet's: its tensors fit by name and shape, but the network "
+        "they were trained in may differ in strides, dilations or input contract"
+    ]
+    assert "note" in str(model.load_report)
+    own = mt.create_model("vdt_resnet18_3d", task="features", pretrained=path)
+    assert own.load_report.notes == []

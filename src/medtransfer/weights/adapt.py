@@ -38,6 +38,7 @@ class LoadReport:
     encoder_loaded: int = 0
     encoder_mismatched: list[str] = field(default_factory=list)
     encoder_unexpected: list[str] = field(default_factory=list)  # file keys inside the encoder's modules
+    notes: list[str] = field(default_factory=list)  # what the key comparison cannot tell (see zoo.builder)
     path: str | None = None
 
     @property
@@ -58,6 +59,7 @@ class LoadReport:
             "unexpected": list(self.unexpected),
             "mismatched": [[k, list(a), list(b)] for k, a, b in self.mismatched],
             "adapted": [list(a) for a in self.adapted],
+            "notes": list(self.notes),
         }
 
     def summary(self) -> str:
@@ -78,7 +80,7 @@ class LoadReport:
             ("unexpected", _short(self.unexpected)),
             ("shape-mismatched", _short([f"{k} {list(a)} vs model {list(b)}" for k, a, b in self.mismatched])),
             ("adapted", _short([f"{k}: {what}" for k, what in self.adapted])),
-        ]
+        ] + [("note", note) for note in self.notes]
         width = max(len(r[0]) for r in rows)
         lines = ["LoadReport"] + [f"  {name.ljust(width)} | {value}" for name, value in rows]
         return "\n".join(lines)
@@ -100,6 +102,8 @@ class LoadReport:
             _short([f"{k} {list(a)}->{list(b)}" for k, a, b in self.mismatched]),
         )
         table.add_row("adapted", str(len(self.adapted)), _short([f"{k}: {w}" for k, w in self.adapted]))
+        for note in self.notes:
+            table.add_row("note", "", note)
         return table
 
 
@@ -191,8 +195,9 @@ def load_state_dict_with_report(
     min_coverage: float | None = None,
     inflate: str = "i3d",
     path: str | None = None,
+    notes: list[str] | None = None,
 ) -> LoadReport:
-    """Load ``state_dict`` (canonical keys) into ``model`` and report.
+    """Load ``state_dict`` (canonical keys) into ``model`` and report; ``notes`` are added to the report.
 
     Shape differences outside the encoder (a classifier for another number of classes) are skipped and reported.
     Errors: no encoder tensor loaded, an encoder tensor of another shape or one the model lacks (another
@@ -209,6 +214,7 @@ def load_state_dict_with_report(
         inflate=inflate,
         path=path,
     )
+    report.notes.extend(notes or [])
     check_fit(report, min_coverage)
     merged = dict(own)
     merged.update(to_load)
@@ -233,8 +239,9 @@ def check_fit(report: LoadReport, min_coverage: float | None = None) -> None:
         raise CheckpointMismatchError(
             f"{where}{len(encoder_mismatch)} encoder tensors of this {report.source} checkpoint have other shapes "
             f"than '{report.model}' (e.g. {k}: file {list(a)} vs model {list(b)}): it was made for another "
-            "architecture or other arguments (depth, shortcut, widths). `medtransfer zoo inspect FILE` lists the "
-            "models it fits.\n" + str(report)
+            "architecture, or for other architecture options than the model was built with (depth, shortcut, "
+            "widths, window sizes, input_size). `medtransfer zoo inspect FILE` lists the models it fits and the "
+            "options it implies.\n" + str(report)
         )
     if report.encoder_unexpected:
         extra = report.encoder_unexpected
@@ -250,7 +257,10 @@ def check_fit(report: LoadReport, min_coverage: float | None = None) -> None:
 
 
 def _log_report(report: LoadReport) -> None:
-    if report.coverage < 1.0 or report.unexpected:
+    # Unused head/decoder tensors of the file and re-initialised heads are normal when fine-tuning: info only.
+    if report.coverage < 1.0:
         log.warning("partial load: %s", report.summary())
     else:
         log.info("%s", report.summary())
+    for note in report.notes:
+        log.warning("%s", note)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from ..weights.adapt import LoadReport, load_state_dict_with_report
 from ..weights.io import read_checkpoint
 from ..weights.sources import StateDict, convert
 from .pretrained import PretrainedCfg, cached_file
-from .registry import TASKS, ModelEntry, get_entry
+from .registry import TASKS, ModelEntry, get_entry, list_models
 
 
 def split_name(name: str) -> tuple[str, str | None]:
@@ -31,6 +30,20 @@ def read_converted(path: str | os.PathLike, source: str = "auto") -> tuple[State
     except CheckpointError as exc:
         raise CheckpointError(f"{raw.path}: {exc}") from None
     return sd, chosen.name, raw.metadata
+
+
+def load_notes(entry: ModelEntry, source: str, inferred: dict[str, Any]) -> list[str]:
+    """What a key-and-shape comparison cannot tell about loading a ``source`` file into ``entry``'s model."""
+    notes = [str(n) for n in inferred.get("notes", [])]
+    own = {cfg.source for cfg in entry.pretrained}
+    if own and source not in own | {"medtransfer", "plain"}:
+        owners = sorted({e.family for e in map(get_entry, list_models()) if any(c.source == source for c in e.pretrained)})
+        made_for = f"{', '.join(owners)}'s" if owners else "another family's"
+        notes.append(
+            f"the file is in {made_for} '{source}' format, not {entry.family}'s: its tensors fit by name and shape, "
+            "but the network they were trained in may differ in strides, dilations or input contract"
+        )
+    return notes
 
 
 def _resolve_pretrained(
@@ -51,13 +64,6 @@ def _resolve_pretrained(
             raise CheckpointError(f"{path}: no such weight file (pretrained= takes True, False or a file path)")
         return path, entry.pretrained_cfg(tag) if tag else None
     raise TypeError(f"pretrained must be True, False or a file path, got {type(pretrained).__name__}")
-
-
-def _accepted_kwargs(entry: ModelEntry) -> set[str] | None:
-    params = inspect.signature(entry.fn).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params}
 
 
 def create_model(
@@ -103,6 +109,7 @@ def create_model(
 
     path, cfg = _resolve_pretrained(entry, tag, pretrained)
     state_dict = source_name = None
+    notes: list[str] = []
     kwargs = dict(cfg.arch_kwargs) if cfg else {}
     if path is not None:
         state_dict, source_name, meta = read_converted(path, cfg.source if (cfg and source == "auto") else source)
@@ -110,6 +117,8 @@ def create_model(
         if entry.infer_kwargs is not None:
             inferred.update(entry.infer_kwargs(state_dict))
         # a head's class count applies only to the task it belongs to (an ImageNet fc says nothing of a decoder)
+        notes = load_notes(entry, source_name, inferred)
+        inferred.pop("notes", None)
         ckpt_classes = inferred.pop("head_classes", {}).get(task)
         kwargs.update(inferred)
         if num_classes is None and ckpt_classes is not None:
@@ -118,13 +127,12 @@ def create_model(
             in_channels = int(meta["in_channels"])  # a converted file records the channel count it was made for
     kwargs.update(arch_kwargs)
 
-    accepted = _accepted_kwargs(entry)
-    if accepted is not None:
-        unknown = sorted(set(arch_kwargs) - accepted)
-        if unknown:
-            options = ", ".join(sorted(accepted - {"task", "num_classes", "in_channels"})) or "none"
-            raise TypeError(f"model '{base}' has no option {', '.join(unknown)}; its options: {options}")
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    options = set(entry.arch_options)
+    unknown = sorted(set(arch_kwargs) - options)
+    if unknown:
+        listed = ", ".join(sorted(options)) or "none"
+        raise TypeError(f"model '{base}' has no option {', '.join(unknown)}; its options: {listed}")
+    kwargs = {k: v for k, v in kwargs.items() if k in options}
 
     model = entry.fn(
         task=task,
@@ -145,6 +153,7 @@ def create_model(
             min_coverage=min_coverage,
             inflate=inflate,
             path=str(path),
+            notes=notes,
         )
     return model
 
@@ -163,6 +172,11 @@ def load_checkpoint(
     have other shapes, or when coverage is below ``min_coverage``; the model is then left unchanged.
     """
     state_dict, source_name, _ = read_converted(path, source)
+    name = getattr(model, "model_name", None)
+    notes = []
+    if name is not None:
+        entry = get_entry(name)
+        notes = load_notes(entry, source_name, entry.infer_kwargs(state_dict) if entry.infer_kwargs else {})
     report = load_state_dict_with_report(
         model,
         state_dict,
@@ -171,6 +185,7 @@ def load_checkpoint(
         min_coverage=min_coverage,
         inflate=inflate,
         path=str(path),
+        notes=notes,
     )
     model.load_report = report
     return report

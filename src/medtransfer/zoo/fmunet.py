@@ -29,7 +29,7 @@ from torch import nn
 
 from .heads import ClassificationHead
 from .pretrained import PretrainedCfg
-from .registry import TASKS, ZooModel, register_model
+from .registry import TASKS, ZooModel, constructor_options, register_model
 
 # Per conv style (2 = in-plane only, 3 = isotropic): kernel, padding and down/upsampling factor, in (D, H, W).
 _KERNEL = {2: (1, 3, 3), 3: (3, 3, 3)}
@@ -347,6 +347,7 @@ _ABDOMENCT1K_VOLF = PretrainedCfg(
     pretrained=(_ABDOMENCT1K_VOLF,),
     infer_kwargs=_infer_kwargs,
     example_size=(16, 32, 32),
+    options=constructor_options(FMUNet),
 )
 def fmunet(*, task: str = "segmentation", num_classes: int | None = 2, in_channels: int = 1, **kwargs) -> FMUNet:
     """FMUNet; ``kwargs``: ``feature_chns``, ``dropout``, ``depth``, ``res_mode``, ``multiscale_pred``,

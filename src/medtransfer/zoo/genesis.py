@@ -281,6 +281,7 @@ _CHEST_CT = PretrainedCfg(
     pretrained=(_CHEST_CT,),
     infer_kwargs=_infer_kwargs,
     example_size=(16, 16, 16),
+    options=("act", "batch_stats_in_eval"),
 )
 def genesis_unet3d(
     *, task: str = "segmentation", num_classes: int | None = 1, in_channels: int = 1, **kwargs

@@ -37,7 +37,7 @@ from torch import nn
 
 from .heads import ClassificationHead
 from .pretrained import PretrainedCfg
-from .registry import ZooModel, register_model
+from .registry import ZooModel, constructor_options, register_model
 from .swin3d import SwinLayer3d
 
 # The demo configuration of MIS-FM (demo/pctnet_pretrain.cfg), which the released CT10k weights fit.
@@ -344,6 +344,12 @@ def _infer_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
     heads = sorted(k for k in sd if k.startswith("pred_heads.") and k.endswith(".out_conv0.conv.2.weight"))
     if heads:
         out["head_classes"] = {"segmentation": int(sd[heads[0]].shape[0])}
+    if any(k.startswith("embeddings.1.") for k in sd):
+        out["notes"] = [
+            "PCT-Net files hold all three resolution variants, so resolution_mode cannot be read from the file: "
+            "the model uses the one it was built with (default 1, as the MIS-FM demo); pass resolution_mode= if "
+            "the weights were trained with another"
+        ]
     width_keys = (
         "embeddings.0.proj.weight",
         "embeddings.0.down1.conv.2.weight",
@@ -407,6 +413,7 @@ _CT10K_VOLF = PretrainedCfg(
     default_num_classes=2,
     pretrained=(_CT10K_VOLF,),
     infer_kwargs=_infer_from_state_dict,
+    options=constructor_options(PCTNet),
 )
 def pctnet(*, task: str = "segmentation", num_classes: int = 2, in_channels: int = 1, **kwargs) -> ZooModel:
     return PCTNet(task=task, num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -61,6 +62,14 @@ class ModelEntry:
     infer_kwargs: Callable[[Mapping[str, torch.Tensor]], dict] | None = None
     # A small valid spatial input size (tests, benchmarks, docs); None: 16x32x32 in 3D, 64x64 in 2D.
     example_size: tuple[int, ...] | None = None
+    # Architecture options (**arch_kwargs) the entry accepts; None: read from the entry function's signature.
+    options: tuple[str, ...] | None = None
+
+    @property
+    def arch_options(self) -> tuple[str, ...]:
+        if self.options is not None:
+            return tuple(self.options)
+        return constructor_options(self.fn)
 
     @property
     def small_input_size(self) -> tuple[int, ...]:
@@ -80,6 +89,19 @@ class ModelEntry:
         raise UnknownModelError(f"model '{self.name}' has no published weights tagged '{tag}'; known tags: {tags}")
 
 
+_COMMON_ARGS = ("self", "task", "num_classes", "in_channels")
+
+
+def constructor_options(fn: Callable) -> tuple[str, ...]:
+    """Keyword options of a model class or entry function, without the ones every model takes."""
+    params = inspect.signature(fn).parameters.values()
+    return tuple(
+        p.name
+        for p in params
+        if p.name not in _COMMON_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    )
+
+
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
@@ -95,6 +117,7 @@ def register_model(
     pretrained: tuple[PretrainedCfg, ...] = (),
     infer_kwargs: Callable[[Mapping[str, torch.Tensor]], dict] | None = None,
     example_size: tuple[int, ...] | None = None,
+    options: tuple[str, ...] | None = None,
 ):
     """Decorator registering an entry function ``fn(*, task, num_classes, in_channels, **arch_kwargs)``."""
 
@@ -116,6 +139,7 @@ def register_model(
             pretrained=tuple(pretrained),
             infer_kwargs=infer_kwargs,
             example_size=example_size,
+            options=tuple(options) if options is not None else None,
         )
         return fn
 

@@ -323,8 +323,11 @@ MEDICALNET_ARCHS: dict[int, tuple[Block, tuple[int, int, int, int]]] = {
 MEDICALNET_SHORTCUT = {10: "B", 18: "A", 34: "A", 50: "B", 101: "B", 152: "B", 200: "B"}
 
 
+_MEDICALNET_OPTIONS = ("shortcut", "decoder", "decoder_channels")
+
+
 def medicalnet_resnet(depth: int, *, task: str, num_classes: int | None, in_channels: int, **kwargs) -> ZooModel:
-    _reject_unknown(f"medicalnet_resnet{depth}", kwargs, ("shortcut", "decoder", "decoder_channels"))
+    _reject_unknown(f"medicalnet_resnet{depth}", kwargs, _MEDICALNET_OPTIONS)
     block, layers = MEDICALNET_ARCHS[depth]
     if kwargs.get("shortcut") is None:
         kwargs["shortcut"] = MEDICALNET_SHORTCUT[depth]
@@ -406,6 +409,7 @@ def _register_medicalnet(depth: int):
         ),
         pretrained=_medicalnet_cfgs(depth),
         infer_kwargs=infer_medicalnet_kwargs,
+        options=_MEDICALNET_OPTIONS,
     )
 
 
@@ -585,6 +589,7 @@ _VDT_ALLOWED = (
         ),
     ),
     infer_kwargs=infer_vdt_kwargs,
+    options=_VDT_ALLOWED,
 )
 def vdt_resnet18_3d(*, task: str = "segmentation", num_classes: int | None = 2, in_channels: int = 1, **kwargs):
     _reject_unknown("vdt_resnet18_3d", kwargs, _VDT_ALLOWED)

@@ -29,6 +29,7 @@ class ModelInfo:
     weights: list[str]  # full names name.tag of published weights
     input_contract: str  # short: modality, channels, patch size of the default weights
     pretrained: list[dict[str, Any]]  # every PretrainedCfg in full
+    options: list[str]  # architecture options (**arch_kwargs of create_model)
 
 
 def _count(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> int:
@@ -60,6 +61,7 @@ def describe_model(name: str) -> ModelInfo:
         weights=[c.full_name for c in entry.pretrained],
         input_contract=contract,
         pretrained=[c.to_dict() for c in entry.pretrained],
+        options=list(entry.arch_options),
     )
 
 
@@ -75,6 +77,7 @@ class ModelFit:
     reason: str
     report: LoadReport | None = None
     file_used: float = 0.0  # fraction of the file's tensors that load into the model
+    foreign: bool = False  # the file's format is not one the model's own published weights use
 
 
 @dataclass
@@ -90,6 +93,9 @@ class CheckpointInfo:
 
 def _plan_for(entry: ModelEntry, state_dict: dict[str, torch.Tensor], source: str, path: Path) -> ModelFit:
     kwargs = entry.infer_kwargs(state_dict) if entry.infer_kwargs else {}
+    kwargs.pop("notes", None)
+    own_sources = {c.source for c in entry.pretrained} | {"medtransfer", "plain"}
+    foreign = len(entry.pretrained) > 0 and source not in own_sources
     num_classes = kwargs.pop("head_classes", {}).get("segmentation") or entry.default_num_classes
     try:
         with torch.device("meta"):
@@ -109,10 +115,13 @@ def _plan_for(entry: ModelEntry, state_dict: dict[str, torch.Tensor], source: st
         check_fit(report)
     except CheckpointMismatchError:
         return ModelFit(entry.name, report.coverage, False, _why_not(report), report)
-    note = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    parts = [", ".join(f"{k}={v}" for k, v in kwargs.items())]
+    if foreign:
+        parts.append(f"a '{source}' file in a {entry.family} network: check strides and input contract")
+    note = "; ".join(p for p in parts if p)
     counted = len(report.loaded) + len(report.unexpected) + len(report.mismatched)
     used = len(report.loaded) / counted if counted else 0.0
-    return ModelFit(entry.name, report.coverage, True, note, report, used)
+    return ModelFit(entry.name, report.coverage, True, note, report, used, foreign)
 
 
 def _why_not(report: LoadReport) -> str:
@@ -142,7 +151,7 @@ def inspect_checkpoint(path: str | os.PathLike, source: str = "auto") -> Checkpo
     )
     for name in list_models():
         info.fits.append(_plan_for(get_entry(name), state_dict, source_name, path))
-    info.fits.sort(key=lambda f: (not f.ok, -(f.coverage + f.file_used), f.model))
+    info.fits.sort(key=lambda f: (not f.ok, -(f.coverage + f.file_used), f.foreign, f.model))
     return info
 
 

@@ -26,3 +26,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 class CheckpointMismatchError(MedTransferError):
     """A readable checkpoint that does not fit the model (another architecture, or too little of it loads)."""
+
+
+class DataError(MedTransferError):
+    """An image or dataset that cannot be used as it is: the message names the file and the fix."""

@@ -24,6 +24,11 @@ zoo_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(zoo_app, name="zoo")
+data_app = typer.Typer(
+    help="Datasets: check one before training, write the embedded phantom dataset, prepare a cache, extract cubes.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -205,6 +210,143 @@ def zoo_convert(
         _fail(exc)
     console.print(report)
     console.print(f"wrote [bold]{path}[/] ({len(report.loaded)} tensors from the file)")
+
+
+def _load_dataset(path: Path, fmt: str):
+    from .data.datasets import load_dataset
+    from .errors import MedTransferError
+
+    try:
+        return load_dataset(path, format=fmt)
+    except MedTransferError as exc:
+        _fail(exc)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Path = typer.Argument(..., help="A dataset: MSD or nnU-Net folder, list/CSV file, LUNA16 root, image folder."),
+    fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    workers: Optional[int] = typer.Option(None, help="Threads reading cases (default: up to 8)."),
+) -> None:
+    """Summarise a dataset and list every problem with its file and fix. Exits 1 when training would break."""
+    from .data.check import check_dataset
+
+    dataset = _load_dataset(path, fmt)
+    report = check_dataset(dataset, workers=workers, progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        _print_data_report(report)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+def _print_data_report(report) -> None:
+    summary = report.summary()
+    console.print(f"[bold]{report.dataset}[/] ({report.format}, {report.task}) at {report.root}", highlight=False)
+    console.print(f"  cases        : {summary['cases']}")
+    if report.channel_names:
+        console.print(f"  channels     : {', '.join(report.channel_names)}", highlight=False)
+    for key in ("shape", "spacing"):
+        if key in summary:
+            s = summary[key]
+            console.print(f"  {key:12s} : min {s['min']}  median {s['median']}  max {s['max']}", highlight=False)
+    if "intensity" in summary:
+        i = summary["intensity"]
+        console.print(f"  intensity    : {i['min']:.4g} .. {i['max']:.4g} (mean of case means {i['mean_of_case_means']:.4g})")
+    if "label_voxels" in summary:
+        names = report.labels
+        rows = [f"{v} {names.get(v, '?')}: {n} voxels in {summary['label_cases'].get(v, 0)} cases"
+                for v, n in summary["label_voxels"].items()]
+        console.print("  labels       : " + "; ".join(rows), highlight=False, soft_wrap=True)
+    if "class_balance" in summary:
+        console.print(f"  classes      : {summary['class_balance']}", highlight=False)
+    if not report.problems:
+        console.print("[green]  no problems found[/]")
+        return
+    console.print(f"  problems     : {len(report.errors)} errors, {len(report.warnings)} warnings")
+    for p in report.problems:
+        colour = "red" if p.severity == "error" else "yellow"
+        console.print(f"  [{colour}]{p.severity}[/]: {str(p).split(': ', 1)[1]}", highlight=False, soft_wrap=True)
+
+
+@data_app.command("phantoms")
+def data_phantoms(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (an MSD-format dataset is written there)."),
+    n: int = typer.Option(8, "--n", min=1, help="Number of cases."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same dataset."),
+    size: int = typer.Option(64, help="Cube edge in voxels (D = H = W)."),
+    spacing: float = typer.Option(2.5, help="Isotropic voxel spacing in mm."),
+    no_2d: bool = typer.Option(False, "--no-2d", help="Skip the 2D radiograph-like projections."),
+) -> None:
+    """Write the embedded synthetic CT dataset: HU volumes with labels, case classes and 2D projections.
+
+    Labels: 0 background, 1 lung, 2 heart, 3 liver, 4 spine, 5 vessel, 6 lesion. Case class (classification.csv):
+    1 = a malignant lung nodule. 2D: radiograph-like projections, lung masks and findings (nodule, cardiomegaly,
+    effusion). The same seed writes the same files.
+    """
+    from .data.phantoms import write_phantom_dataset
+    from .errors import MedTransferError
+
+    try:
+        path = write_phantom_dataset(out, n, seed, shape=(size, size, size), spacing=(spacing,) * 3, with_2d=not no_2d)
+    except MedTransferError as exc:
+        _fail(exc)
+    console.print(f"wrote {n} phantom cases to [bold]{path}[/]")
+
+
+@data_app.command("cubes")
+def data_cubes(
+    path: Path = typer.Argument(..., help="A dataset of CT volumes in HU (e.g. LUNA16 root, MSD folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the cube arrays."),
+    fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
+    seed: int = typer.Option(1, help="Seed (the published extraction uses 1)."),
+    scale: int = typer.Option(32, help="Cubes per volume at most."),
+) -> None:
+    """Extract Models Genesis training cubes (64x64x32, HU window [-1000, 1000] -> [0, 1], dense-tissue rejection)."""
+    from dataclasses import replace
+
+    from .data.cubes import CubeConfig, extract_cubes_from_dataset
+    from .errors import MedTransferError
+
+    dataset = _load_dataset(path, fmt)
+    try:
+        paths = extract_cubes_from_dataset(dataset, out, config=replace(CubeConfig(), scale=scale), seed=seed)
+    except MedTransferError as exc:
+        _fail(exc)
+    for p in paths:
+        console.print(f"wrote [bold]{p}[/]")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    path: Path = typer.Argument(..., help="A dataset (any supported layout)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache folder (reused: unchanged cases are not redone)."),
+    preset: str = typer.Option("genesis_ct", help="Intensity preset: genesis_ct, volf_ct, medicalnet_mri, zscore, percentile."),
+    spacing: Optional[str] = typer.Option(None, help="Target spacing in mm as D,H,W (default: keep)."),
+    fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes (default: all cores)."),
+) -> None:
+    """Check, then preprocess every case once into a memory-mappable cache with a manifest."""
+    from .data.cache import PreparedCache
+    from .data.check import check_dataset
+    from .data.preprocess import build_pipeline
+    from .errors import MedTransferError
+
+    dataset = _load_dataset(path, fmt)
+    report = check_dataset(dataset, workers=workers, progress=sys.stderr.isatty())
+    if not report.ok:
+        _print_data_report(report)
+        err_console.print("[bold red]error:[/] fix the problems above before preparing", highlight=False)
+        raise typer.Exit(code=1)
+    try:
+        target = tuple(float(s) for s in spacing.split(",")) if spacing else None
+        pipeline = build_pipeline(preset=preset, spacing=target)
+        cases = PreparedCache(out).prepare(dataset, pipeline, workers=workers)
+    except (MedTransferError, ValueError) as exc:
+        _fail(exc)
+    console.print(f"prepared {len(cases)} cases in [bold]{out}[/]")
 
 
 def main() -> None:

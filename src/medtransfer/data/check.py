@@ -78,7 +78,7 @@ class DatasetReport:
         shapes = np.array([c.shape for c in self.cases if c.shape], dtype=float)
         spacings = np.array([c.spacing for c in self.cases if c.spacing], dtype=float)
         if shapes.size:
-            out["shape"] = {k: getattr(np, k)(shapes, axis=0).tolist() for k in ("min", "median", "max")}
+            out["shape"] = {k: [int(round(v)) for v in getattr(np, k)(shapes, axis=0)] for k in ("min", "median", "max")}
         if spacings.size:
             out["spacing"] = {k: getattr(np, k)(spacings, axis=0).round(4).tolist() for k in ("min", "median", "max")}
         lo = min(c.intensity[0] for c in self.cases)

@@ -6,18 +6,12 @@ Formats read: NIfTI (``.nii``, ``.nii.gz``), MetaImage (``.mha``, ``.mhd`` + ``.
 (grayscale -> ``(H, W)``, colour -> ``(3, H, W)``, spacing 1). Everything but NumPy goes through SimpleITK, so the
 LPS conversion of NIfTI's RAS affine, DICOM slice sorting and MetaImage/NRRD headers are ITK's well-tested ones.
 
-Geometry convention (see :class:`~medtransfer.data.types.Image`): everything is in *array* axis order. A 3D array is
-indexed ``[z, y, x]``; ``spacing``, ``origin`` and the rows and columns of ``direction`` are the reverse of
-SimpleITK's ``(x, y, z)`` ones, so world coordinates are LPS written in the order (S, P, L). The world position of
-voxel ``idx`` is ``origin + direction.T @ (idx * spacing)``; :func:`voxel_to_world` computes it.
-
-Canonical orientation (``read_image(..., reorient=True)``, the default): the array axes are permuted and flipped
-until ``direction`` is as close to the identity as possible, i.e. array axis 0 runs towards Superior, axis 1 towards
-Posterior and axis 2 towards patient Left (SimpleITK's "LPS identity": x -> L, y -> P, z -> S). Only whole axes move,
-so no voxel is interpolated and every voxel keeps its world position (the origin moves to the voxel that becomes
-index 0). Oblique scans keep their residual rotation in ``direction``. ``image.meta["original"]`` records the
-original shape, geometry, permutation and flips; ``write_image(pred, path, like=image)`` uses it to write a
-prediction made in canonical space back in the input's original orientation and geometry.
+Geometry convention and canonical orientation: see :mod:`medtransfer.data.orientation` (its functions are
+re-exported here). In short, arrays are ``[z, y, x]`` with spacing/origin/direction in that order (LPS), and
+``read_image(..., reorient=True)``, the default, permutes and flips whole axes (no interpolation) until ``direction``
+is as close to the identity as possible, recording the original geometry in ``image.meta["original"]``;
+``write_image(pred, path, like=image)`` uses that record to write a prediction made in canonical space back in the
+input's original orientation and geometry.
 
 Two ITK NIfTI pitfalls are handled here: it reads a cut-off ``.nii``/``.nii.gz`` without complaint (missing voxels
 come back as zeros), so sizes are checked against the header (for gzip from the stream trailer, without
@@ -42,6 +36,8 @@ import SimpleITK as sitk
 
 from ..errors import DataError
 from ..weights.io import atomic_write
+from .orientation import _original, canonical_axes, reorient_to_canonical, undo_reorientation
+from .orientation import voxel_to_world  # noqa: F401 - re-exported: part of this module's public API
 from .types import Image
 
 logger = logging.getLogger(__name__)
@@ -65,7 +61,7 @@ def extension(path: str | os.PathLike) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
-# --- geometry -------------------------------------------------------------------------------------------------------
+# --- SimpleITK <-> Image --------------------------------------------------------------------------------------------
 
 
 def _geometry(itk) -> dict[str, Any]:
@@ -116,95 +112,6 @@ def image_to_sitk(image: Image) -> sitk.Image:
     else:
         raise DataError(f"array of shape {arr.shape} does not fit {image.spatial_dims} spatial dimensions")
     return _sitk_geometry(img, image)
-
-
-def voxel_to_world(image: Image, index) -> np.ndarray:
-    """World (LPS, array order) positions of voxel indices ``index`` (shape ``(..., spatial_dims)``)."""
-    idx = np.asarray(index, float) * np.asarray(image.spacing, float)
-    return np.asarray(image.origin, float) + idx @ np.asarray(image.direction, float)
-
-
-# --- orientation ----------------------------------------------------------------------------------------------------
-
-
-def canonical_axes(direction: np.ndarray) -> tuple[tuple[int, ...], tuple[bool, ...]]:
-    """Which old axis becomes each new axis, and whether it is flipped, to bring ``direction`` near the identity.
-
-    New axis ``a`` is the old axis most aligned with world axis ``a``; pairs are taken largest cosine first so an
-    oblique scan still maps one-to-one."""
-    m = np.abs(np.asarray(direction, float))
-    n = m.shape[0]
-    perm = [-1] * n
-    for flat in np.argsort(-m, axis=None, kind="stable"):
-        old, new = divmod(int(flat), n)
-        if perm[new] < 0 and old not in perm:
-            perm[new] = old
-    flips = tuple(bool(direction[perm[a], a] < 0) for a in range(n))
-    return tuple(perm), flips
-
-
-def _original(image: Image, perm, flips) -> dict[str, Any]:
-    return {
-        "shape": list(image.spatial_shape), "spacing": list(image.spacing), "origin": list(image.origin),
-        "direction": np.asarray(image.direction, float).tolist(), "perm": list(perm), "flips": list(flips),
-    }  # fmt: skip
-
-
-def reorient_to_canonical(image: Image) -> Image:
-    """Permute/flip the array to the canonical orientation (module docstring); world positions are unchanged."""
-    d, nc = image.spatial_dims, image.array.ndim - image.spatial_dims
-    direction = np.asarray(image.direction, float)
-    perm, flips = canonical_axes(direction)
-    meta = dict(image.meta, original=_original(image, perm, flips))
-    if perm == tuple(range(d)) and not any(flips):
-        return Image(image.array, image.spacing, image.origin, direction, image.path, meta)
-    arr = image.array.transpose(tuple(range(nc)) + tuple(nc + p for p in perm))
-    flip_axes = tuple(nc + a for a in range(d) if flips[a])
-    arr = np.ascontiguousarray(np.flip(arr, flip_axes) if flip_axes else arr)
-    first = np.zeros(d)  # old index of the voxel that becomes index 0
-    for a in range(d):
-        if flips[a]:
-            first[perm[a]] = image.spatial_shape[perm[a]] - 1
-    origin = voxel_to_world(image, first)
-    signs = np.where(flips, -1.0, 1.0)[:, None]
-    return Image(
-        array=arr,
-        spacing=tuple(image.spacing[p] for p in perm),
-        origin=tuple(float(o) for o in origin),
-        direction=direction[list(perm)] * signs,
-        path=image.path,
-        meta=meta,
-    )
-
-
-def undo_reorientation(image: Image, like: Image) -> Image:
-    """``image`` (e.g. a prediction on ``like``'s canonical grid) in the orientation and geometry ``like`` was read in.
-
-    ``like`` without ``meta["original"]`` (built by hand) just lends its geometry; the spatial shapes must match."""
-    orig = like.meta.get("original")
-    if orig is None:
-        orig = _original(like, range(like.spatial_dims), [False] * like.spatial_dims)
-    perm, flips = orig["perm"], orig["flips"]
-    expected = tuple(orig["shape"][p] for p in perm)
-    if image.spatial_shape != expected:
-        raise DataError(
-            f"cannot write the image back in the geometry of {like.path}: its spatial shape {image.spatial_shape} "
-            f"differs from that image's {expected}; resample or un-crop the prediction to that grid first."
-        )
-    nc, d = image.array.ndim - len(expected), len(expected)
-    arr = image.array
-    flip_axes = tuple(nc + a for a in range(d) if flips[a])
-    if flip_axes:
-        arr = np.flip(arr, flip_axes)
-    arr = arr.transpose(tuple(range(nc)) + tuple(nc + int(i) for i in np.argsort(perm)))
-    return Image(
-        array=np.ascontiguousarray(arr),
-        spacing=tuple(orig["spacing"]),
-        origin=tuple(orig["origin"]),
-        direction=np.asarray(orig["direction"], float),
-        path=image.path,
-        meta={k: v for k, v in image.meta.items() if k != "original"},
-    )
 
 
 # --- reading --------------------------------------------------------------------------------------------------------

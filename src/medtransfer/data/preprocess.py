@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import DataError, MedTransferError
+from .orientation import canonical_axes, permute_axes
 from .types import Image
 
 log = logging.getLogger(__name__)
@@ -103,57 +104,30 @@ class Reorient(Step):
     Identity direction in the (z, y, x) array order of :class:`Image` is the usual ITK/DICOM orientation: x runs to
     patient Left, y to Posterior, z to Superior (LPS). World coordinates of every voxel are kept; an oblique scan keeps
     its residual rotation in ``direction`` (no resampling here). ``io.read_image`` already loads images in this
-    orientation; the step matters for images made elsewhere or read with ``reorient=False``.
+    orientation, with the same algorithm (:mod:`medtransfer.data.orientation`); the step matters for images made
+    elsewhere or read with ``reorient=False``. The label follows the image's permutation and flips.
     """
 
     name: ClassVar[str] = "reorient"
 
     def pair(self, image: Image, label: Image | None) -> tuple[Image, Image | None]:
         _check_pair(image, label)
-        perm, flips = _canonical_axes(np.asarray(image.direction, dtype=float))
+        perm, flips = canonical_axes(np.asarray(image.direction, dtype=float))
         out = self._transform(image, perm, flips)
         return out, (self._transform(label, perm, flips) if label is not None else None)
 
     @staticmethod
-    def _transform(image: Image, perm: list[int], flips: list[bool]) -> Image:
-        n = image.spatial_dims
-        lead = image.array.ndim - n
-        direction = np.asarray(image.direction, dtype=float)
-        spacing = np.asarray(image.spacing, dtype=float)
-        shape = image.spatial_shape
-        array = np.transpose(image.array, [*range(lead), *(lead + p for p in perm)])
-        flip_axes = tuple(lead + j for j in range(n) if flips[j])
-        if flip_axes:
-            array = np.flip(array, axis=flip_axes)
-        origin = np.asarray(image.origin, dtype=float).copy()
-        new_direction = np.empty_like(direction)
-        for j, p in enumerate(perm):
-            new_direction[j] = -direction[p] if flips[j] else direction[p]
-            if flips[j]:  # the new first voxel along this axis is the old last one
-                origin += (shape[p] - 1) * spacing[p] * direction[p]
+    def _transform(image: Image, perm: tuple[int, ...], flips: tuple[bool, ...]) -> Image:
+        # Not reorient_to_canonical: that would overwrite meta["original"] (the on-disk orientation write_image(like=)
+        # restores) and derive the label's permutation from the label's own header instead of the image's.
         record = {
             "step": "reorient", "permutation": list(perm), "flips": list(flips),
-            "direction_before": direction.tolist(), "origin_before": list(map(float, image.origin)),
+            "direction_before": np.asarray(image.direction, dtype=float).tolist(),
+            "origin_before": list(map(float, image.origin)),
         }
-        return _with(
-            image, record, array=np.ascontiguousarray(array), spacing=tuple(float(spacing[p]) for p in perm),
-            origin=tuple(float(o) for o in origin), direction=new_direction,
-        )
-
-
-def _canonical_axes(direction: np.ndarray) -> tuple[list[int], list[bool]]:
-    """For each world axis j, the array axis that runs most nearly along it, and whether it runs backwards."""
-    n = direction.shape[0]
-    weight = np.abs(direction)
-    perm = [-1] * n
-    used: set[int] = set()
-    # Assign the most clear-cut axes first so a near-45-degree axis cannot steal another's world axis.
-    for axis in np.argsort(-weight.max(axis=1), kind="stable"):
-        choices = [j for j in np.argsort(-weight[axis], kind="stable") if j not in used]
-        perm[choices[0]] = int(axis)
-        used.add(choices[0])
-    flips = [bool(direction[perm[j], j] < 0) for j in range(n)]
-    return perm, flips
+        moved = permute_axes(image, perm, flips)
+        return _with(image, record, array=moved.array, spacing=moved.spacing, origin=moved.origin,
+                     direction=moved.direction)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -303,17 +303,24 @@ def data_cubes(
     fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
     seed: int = typer.Option(1, help="Seed (the published extraction uses 1)."),
     scale: int = typer.Option(32, help="Cubes per volume at most."),
+    cube_size: str = typer.Option("32,64,64", help="Cube size D,H,W in voxels (published: 32 slices of 64x64)."),
+    border_xy: int = typer.Option(100, help="In-plane margin in voxels (published: 100, for 512x512 CT)."),
+    border_z: int = typer.Option(30, help="Margin in slices (published: 30)."),
+    lung_max: float = typer.Option(0.15, help="Largest accepted dense-tissue fraction (published: 0.15)."),
 ) -> None:
-    """Extract Models Genesis training cubes (64x64x32, HU window [-1000, 1000] -> [0, 1], dense-tissue rejection)."""
-    from dataclasses import replace
-
+    """Extract Models Genesis training cubes: HU window [-1000, 1000] -> [0, 1], random windows inside the margins,
+    windows with too much dense tissue rejected (the published rule, vectorised). Defaults are the published ones,
+    made for LUNA16 volumes (at least 96 slices, 265 voxels in-plane); smaller volumes need smaller margins/cubes."""
     from .data.cubes import CubeConfig, extract_cubes_from_dataset
     from .errors import MedTransferError
 
     dataset = _load_dataset(path, fmt)
     try:
-        paths = extract_cubes_from_dataset(dataset, out, config=replace(CubeConfig(), scale=scale), seed=seed)
-    except MedTransferError as exc:
+        d, h, w = (int(s) for s in cube_size.split(","))
+        config = CubeConfig(cube_depth=d, cube_height=h, cube_width=w, border_xy=border_xy, border_z=border_z,
+                            scale=scale, lung_max=lung_max)
+        paths = extract_cubes_from_dataset(dataset, out, config=config, seed=seed)
+    except (MedTransferError, ValueError) as exc:
         _fail(exc)
     for p in paths:
         console.print(f"wrote [bold]{p}[/]")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -238,14 +237,6 @@ SECTIONS: dict[str, tuple[tuple[str, ...], Callable]] = {
 }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _rows(name: str, result: dict[str, Any]) -> list[tuple[str, str]]:
@@ -280,7 +271,7 @@ def main() -> None:
 
     import torch
 
-    from medtransfer.provenance import versions
+    from medtransfer.provenance import cpu_name, versions
     from medtransfer.weights.io import atomic_write
 
     torch.set_num_threads(args.threads)
@@ -311,7 +302,7 @@ def main() -> None:
         print(f"{key:<{width}}  {value}")
     payload = {
         "benchmark": "data layer: cube extraction, cached vs decoded cases, preparing, phantoms",
-        "device": "cpu", "device_name": _cpu_name(), "threads": args.threads, "cpu_count": os.cpu_count(),
+        "device": "cpu", "device_name": cpu_name(), "threads": args.threads, "cpu_count": os.cpu_count(),
         "versions": versions(), "command": " ".join(["python", "benchmarks/data.py", *sys.argv[1:]]),
         "results": results,
     }

@@ -14,7 +14,6 @@ import argparse
 import fnmatch
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -74,14 +73,6 @@ def run_one(name: str, size: tuple[int, ...], repeats: int, device: str, amp: bo
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -108,7 +99,7 @@ def main() -> None:
     import torch
 
     import medtransfer as mt
-    from medtransfer.provenance import versions
+    from medtransfer.provenance import cpu_name, versions
 
     names = [n for n in mt.list_models() if fnmatch.fnmatchcase(n, args.models)]
     results = []
@@ -126,7 +117,7 @@ def main() -> None:
         shape = "x".join(map(str, r["input"]))
         print(f"{name:24s} {shape:>22s} {r['parameters'] / 1e6:8.2f}M {r['fwd_bwd_median_s']:10.3f} {r['peak_memory_mb']:9.0f}")
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     payload = {
         "benchmark": "zoo forward+backward, batch 1, task segmentation, 2 classes, train mode",
         "device": args.device,

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import DataError, MedTransferError
+from ..provenance import sha256_file
 from ..weights.io import atomic_write
 from .preprocess import Pipeline
 from .types import Case, Dataset, Image
@@ -253,12 +254,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fingerprint(path: Path, known: dict[str, dict]) -> dict[str, Any]:
@@ -278,9 +273,9 @@ def _fingerprint(path: Path, known: dict[str, dict]) -> dict[str, Any]:
         return {**stat, "sha256": prev["sha256"], "hashed_ns": prev["hashed_ns"]}
     hashed_ns = time.time_ns()
     if path.is_dir():
-        sha = _digest([[str(p.relative_to(path)), _sha256_file(p)] for p in files])
+        sha = _digest([[str(p.relative_to(path)), sha256_file(p)] for p in files])
     else:
-        sha = _sha256_file(path)
+        sha = sha256_file(path)
     return {**stat, "sha256": sha, "hashed_ns": hashed_ns}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 
 from ..errors import CheckpointMismatchError, MedTransferError
 from ..weights.adapt import LoadReport, check_fit, plan_load
-from ..provenance import versions
+from ..provenance import sha256_file, versions
 from ..weights.io import save_safetensors
 from .builder import create_model, read_converted
 from .registry import ModelEntry, get_entry, list_models
@@ -155,14 +154,6 @@ def inspect_checkpoint(path: str | os.PathLike, source: str = "auto") -> Checkpo
     return info
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert_checkpoint(
     path: str | os.PathLike,
     model_name: str,
@@ -214,7 +205,7 @@ def convert_checkpoint(
         "task": task,
         "arch_kwargs": resolved,
         "in_channels": in_channels if in_channels is not None else entry.default_in_channels,
-        "converted_from": {"file": path.name, "sha256": _sha256(path), "source": report.source},
+        "converted_from": {"file": path.name, "sha256": sha256_file(path), "source": report.source},
         "load_report": report.to_dict(),
         "pretrained_cfg": model.pretrained_cfg.to_dict() if model.pretrained_cfg else None,
         "versions": versions(),

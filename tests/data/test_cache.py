@@ -222,8 +222,8 @@ def test_unchanged_old_files_are_not_hashed_again(tmp_path, monkeypatch):
     cache = PreparedCache(tmp_path / "cache", reader=read_nifti)
     cache.prepare(data, PIPELINE, workers=1, progress=False)
     hashed: list[Path] = []
-    real = cache_module._sha256_file
-    monkeypatch.setattr(cache_module, "_sha256_file", lambda p: hashed.append(p) or real(p))
+    real = cache_module.sha256_file
+    monkeypatch.setattr(cache_module, "sha256_file", lambda p: hashed.append(p) or real(p))
     cache.prepare(data, PIPELINE, workers=1, progress=False)
     assert hashed == []  # size + mtime fast path
     os.utime(data.cases[1].images[0], None)  # touched now: hashed again, same bytes, nothing redone

@@ -1,0 +1,1 @@
+"""Training: typed configs, recipes of the seed systems, optimisers and schedules, losses, metrics, inference."""

@@ -30,6 +30,13 @@ data_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 
+
+def _register_training_commands() -> None:
+    # finetune / evaluate / predict live with the training code; their options import nothing heavy.
+    from .train.cli_train import register
+
+    register(app)
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -354,6 +361,9 @@ def data_prepare(
     except (MedTransferError, ValueError) as exc:
         _fail(exc)
     console.print(f"prepared {len(cases)} cases in [bold]{out}[/]")
+
+
+_register_training_commands()
 
 
 def main() -> None:

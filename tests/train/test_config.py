@@ -155,3 +155,12 @@ def test_overrides_on_a_dict_resolve_the_recipe_after():
     resolved = load_config({"model": MODEL, "recipe": "medicalnet"})
     with pytest.raises(MedTransferError, match="already merged"):
         apply_overrides(resolved, ["recipe=genesis"])
+
+
+def test_dataset_layout_options_pass_through_the_config():
+    from medtransfer.train.config import load_config
+
+    cfg = load_config({"model": {"name": "resnet50_2d", "task": "segmentation"},
+                       "data": {"format": "image_mask_2d", "options": {"images": "images2d", "masks": "masks2d"}},
+                       "train": {"max_steps": 2}})
+    assert cfg.data.options == {"images": "images2d", "masks": "masks2d"}

@@ -74,6 +74,7 @@ class DataConfig(_Section):
 
     path: Optional[Path] = None  # None: the embedded phantoms (data/phantoms.py), as `medtransfer demo` uses
     format: str = "auto"  # a layout of medtransfer.data.datasets.load_dataset, or "auto" to detect it
+    options: dict[str, Any] = Field(default_factory=dict)  # layout options of load_dataset, e.g. images/masks folders
     preset: Optional[str] = None  # intensity preset of data.preprocess.PRESETS; None: the weights' input contract
     spacing: Optional[tuple[float, ...]] = None  # mm per axis; None: the weights' contract, else native spacing
     patch_size: Optional[tuple[int, ...]] = None  # voxels per axis; None: the weights' contract patch size

@@ -11,7 +11,7 @@ Defaults chosen here:
   2.5 mm thorax of ``data/phantoms.py`` at half resolution) are written to ``<out>/phantoms``;
 * preprocessed cases go to ``data.cache_dir`` or ``<out>/cache``;
 * intensity preset: the weights' contract through :data:`CONTRACT_PRESETS` (keyed by the checkpoint format of
-  ``PretrainedCfg.source``), else ``genesis_ct`` for CT, ``zscore`` otherwise;
+  ``PretrainedCfg.source``), else ``genesis_ct`` for 3D CT, ``zscore`` otherwise (2D images included);
 * patch size: the contract's, else :data:`DEFAULT_PATCH` per spatial dims;
 * loss ``auto``: ``dice_ce`` for segmentation (MIS-FM's 0.5/0.5 Dice + CE), ``ce`` for single-label and ``bce`` for
   multi-label classification;
@@ -47,8 +47,9 @@ CONTRACT_PRESETS: dict[str, str] = {
     "medicalnet": "medicalnet_mri",
     "pymic": "zscore",
 }
-# network stride per model family (the input must be a multiple): genesis UNet3D has three 2x2x2 max-pools.
-DIVISORS: dict[str, int] = {"genesis_unet3d": 8}
+# network stride per model family (the input must be a multiple): genesis UNet3D has three 2x2x2 max-pools;
+# resnet50_2d's segmentation decoder needs H, W divisible by its output stride 32 (zoo/resnet2d.py OUTPUT_STRIDE).
+DIVISORS: dict[str, int] = {"genesis_unet3d": 8, "resnet50_2d": 32}
 DEFAULT_DIVISOR = 16  # a multiple of every 3-4 level encoder's stride used in the zoo
 
 
@@ -84,7 +85,9 @@ def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: str = "CT
     A config preset that differs from the contract's is kept, logged as a warning and recorded as a mismatch."""
     pcfg = weights_contract(cfg.model.name)
     contract_preset = CONTRACT_PRESETS.get(pcfg.source) if pcfg else None
-    fallback = "genesis_ct" if modality.upper() == "CT" else "zscore"
+    # 2D images (8-bit PNG radiographs, photographs) carry no HU: a CT window would squash them into a sliver of
+    # [0, 1], so 2D runs without a contract preset use the per-image z-score.
+    fallback = "genesis_ct" if modality.upper() == "CT" and spatial_dims == 3 else "zscore"
     preset = cfg.data.preset or contract_preset or fallback
     spacing = cfg.data.spacing if cfg.data.spacing is not None else (pcfg.spacing if pcfg else None)
     patch = cfg.data.patch_size or (pcfg.patch_size if pcfg and pcfg.patch_size else None)
@@ -118,7 +121,7 @@ def _dataset(cfg: FinetuneConfig, out: Path):
         if not (root / "dataset.json").is_file():
             write_phantom_dataset(root, p["n"], p["seed"], shape=p["shape"], spacing=p["spacing"], with_2d=False)
         path = root if cfg.model.task == "segmentation" else root / "classification.csv"
-    dataset = load_dataset(path, format=cfg.data.format)
+    dataset = load_dataset(path, format=cfg.data.format, **cfg.data.options)
     report = check_dataset(dataset, workers=1)
     if report.errors:
         lines = "\n".join(f"  {p}" for p in report.errors)
@@ -211,17 +214,23 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     if model.load_report is not None:
         _write_json(out / "load_report.json", model.load_report.to_dict())
     run["divisor"] = list(model_divisor(model, dataset.spatial_dims))
+    patch = tuple(contract["patch_size"])
+    if task == "segmentation" and any(p % d for p, d in zip(patch, run["divisor"])):
+        raise MedTransferError(f"data.patch_size {list(patch)} must be a multiple of {run['divisor']} on every axis "
+                               f"for {cfg.model.name} segmentation (its network stride)")
     _write_json(out / "run.json", run)
 
-    patch = tuple(contract["patch_size"])
     if task == "segmentation":
         train_ds = PatchDataset(cache, split.train, patch, seed=seed)
         val_ds = PatchDataset(cache, split.val, patch, seed=seed + 1) if split.val else None
     else:
         train_ds = CaseDataset(cache, split.train, patch)
         val_ds = CaseDataset(cache, split.val, patch) if split.val else None
+    # a remainder batch of one sample breaks BatchNorm in training where the features are 1x1 (a 32x32 2D patch
+    # through resnet50_2d, 'Expected more than 1 value per channel'), so only such a remainder is dropped.
+    lone = len(train_ds) > cfg.data.batch_size and len(train_ds) % cfg.data.batch_size == 1
     train_loader = make_loader(train_ds, batch_size=cfg.data.batch_size, sampler=_train_sampler(len(train_ds), seed),
-                               workers=cfg.data.workers)
+                               workers=cfg.data.workers, drop_last=lone)
     val_loader = make_loader(val_ds, batch_size=cfg.data.batch_size, workers=cfg.data.workers) if val_ds else None
 
     loss_fn = build_loss(_loss_name(cfg, multilabel), task=task, num_classes=num_classes, **cfg.loss.kwargs)

@@ -183,3 +183,26 @@ def test_finetune_2d_multilabel_classification_resnet50_on_findings_csv(tmp_path
     assert "auc_mean" in records[-1]["val"]  # metric_for(classification, multilabel=True)
     summary = json.loads((evaluate(run, split="all") / "summary.json").read_text())
     assert summary["cases"] == 5 and "auc_mean" in summary["metrics"]
+
+
+def test_the_finetune_command_runs_under_torchrun_with_two_processes(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "medtransfer.cli", "finetune", "--model", "medicalnet_resnet10", "--out", str(out),
+           "--set", "train.max_steps=2", "--set", "data.patch_size=[16,16,16]", "--set", "data.batch_size=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "env.json").read_text())["world_size"] == 2
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "split.json").is_file()

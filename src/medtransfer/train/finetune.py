@@ -185,12 +185,21 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     if task == "features":
         raise MedTransferError("model.task: 'features' has no training target; use segmentation or classification")
 
+    # Under torchrun, rank 0 writes the phantoms, checks the data and fills the cache while the others wait; they
+    # then read what it wrote (their own prepare finds nothing to do). Only rank 0 writes the run's files.
+    from .distributed import barrier, init_distributed
+
+    rank, world = init_distributed()
+    main = rank == 0
+    if world > 1 and not main:
+        barrier()
     dataset, data_path = _dataset(cfg, out)
     if task != dataset.task:
         raise MedTransferError(f"model.task is {task!r} but the dataset at {data_path} is a {dataset.task} dataset")
     modality = next(iter(dataset.channel_names), "CT") if dataset.channel_names else "CT"
     contract = resolve_contract(cfg, dataset.spatial_dims, modality)
-    _write_json(out / "contract.json", contract)
+    if main:
+        _write_json(out / "contract.json", contract)
 
     targets = None
     if task == "classification":
@@ -198,12 +207,15 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     split = make_split([c.case_id for c in dataset.cases], val=cfg.data.val_fraction,
                        k=5 if cfg.data.fold is not None else None, fold=cfg.data.fold,
                        fraction=cfg.data.label_fraction, seed=seed, targets=targets)
-    split.save(out / "split.json")
+    if main:
+        split.save(out / "split.json")
 
     pipeline = build_pipeline(preset=contract["preset"], spacing=contract["spacing"])
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     cache = PreparedCache(cache_dir)
-    cache.prepare(dataset, pipeline, workers=max(1, cfg.data.workers), progress=progress)
+    cache.prepare(dataset, pipeline, workers=max(1, cfg.data.workers), progress=progress and main)
+    if world > 1 and main:
+        barrier()
 
     num_classes, multilabel = _num_classes(cfg, dataset)
     run = {"task": task, "num_classes": num_classes, "multilabel": multilabel, "patch_size": contract["patch_size"],
@@ -211,14 +223,15 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
            "data_path": str(data_path), "data_format": cfg.data.format}
     torch.manual_seed(seed)
     model = _build_model(run, cfg, cfg.model.pretrained or False)
-    if model.load_report is not None:
+    if model.load_report is not None and main:
         _write_json(out / "load_report.json", model.load_report.to_dict())
     run["divisor"] = list(model_divisor(model, dataset.spatial_dims))
     patch = tuple(contract["patch_size"])
     if task == "segmentation" and any(p % d for p, d in zip(patch, run["divisor"])):
         raise MedTransferError(f"data.patch_size {list(patch)} must be a multiple of {run['divisor']} on every axis "
                                f"for {cfg.model.name} segmentation (its network stride)")
-    _write_json(out / "run.json", run)
+    if main:
+        _write_json(out / "run.json", run)
 
     if task == "segmentation":
         train_ds = PatchDataset(cache, split.train, patch, seed=seed)
@@ -244,11 +257,13 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     schedule = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=steps_per_epoch, total_steps=total,
                                mode=monitor[1])
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dump_config(cfg, out / "config.yaml")
-    _write_json(out / "env.json", {**provenance.versions(), "device": str(device), "seed": seed,
-                                   "command": sys.argv, "resume": resume})
     from . import loop  # imported last: data and config problems surface first
+
+    device = loop._resolve_device(None)  # cuda:LOCAL_RANK under torchrun
+    if main:
+        dump_config(cfg, out / "config.yaml")
+        _write_json(out / "env.json", {**provenance.versions(), "device": str(device), "seed": seed,
+                                       "world_size": world, "command": sys.argv, "resume": resume})
 
     loop.fit(model, train_loader, val_loader, loss_fn=loss_fn, metrics=metrics, optimizer=optimizer,
              schedule=schedule, cfg=cfg.train, run_dir=out, monitor=monitor, device=device, resume=resume,

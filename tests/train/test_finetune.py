@@ -66,7 +66,7 @@ def _cfg(out, data_path, **extra):
 def test_contract_fills_unset_values_and_reports_a_preset_mismatch():
     cfg = validate({"model": {"name": "genesis_unet3d"}})
     c = resolve_contract(cfg, 3)
-    assert c["preset"] == "genesis_ct" and c["patch_size"] == [64, 64, 32] and c["mismatches"] == []
+    assert c["preset"] == "genesis_ct" and c["patch_size"] == [32, 64, 64] and c["mismatches"] == []
     cfg = validate({"model": {"name": "genesis_unet3d"}, "data": {"preset": "zscore"}})
     c = resolve_contract(cfg, 3)
     assert c["preset"] == "zscore" and len(c["mismatches"]) == 1 and "genesis_ct" in c["mismatches"][0]

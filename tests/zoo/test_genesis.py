@@ -203,7 +203,7 @@ def test_registry_entry_and_pretrained_cfg():
     assert entry.family == "Models Genesis" and entry.default_num_classes == 1
     cfg = entry.pretrained_cfg()
     assert (cfg.tag, cfg.file_name, cfg.source, cfg.num_classes) == ("chest_ct", "Genesis_Chest_CT.pt", "genesis", 1)
-    assert cfg.patch_size == (64, 64, 32) and cfg.modality == "CT" and "[-1000, 1000]" in cfg.intensity
+    assert cfg.patch_size == (32, 64, 64) and cfg.modality == "CT" and "[-1000, 1000]" in cfg.intensity
     assert cfg.url.startswith("https://") and "MICCAI 2019" in cfg.citation
     model = entry.fn(task="segmentation", num_classes=1, in_channels=2, batch_stats_in_eval=False)
     assert isinstance(model, GenesisUNet3D) and model.down_tr64.ops[0].conv1.in_channels == 2

@@ -246,7 +246,7 @@ _CHEST_CT = PretrainedCfg(
     in_channels=1,
     intensity="HU clipped to [-1000, 1000], scaled to [0, 1]",
     spacing=None,
-    patch_size=(64, 64, 32),
+    patch_size=(32, 64, 64),
     pretraining=(
         "Self-supervised image restoration (Models Genesis): flips, local pixel shuffling, non-linear (Bezier) "
         "intensity transform and in-/out-painting of 64x64x32 cubes from LUNA16 chest CT (subsets 0-4 train, "
@@ -262,8 +262,8 @@ _CHEST_CT = PretrainedCfg(
         "Zhou Z, Sodha V, Pang J, Gotway MB, Liang J. Models Genesis. Medical Image Analysis 67:101840, 2021."
     ),
     notes=(
-        "patch_size is in the official (x, y, z) = (rows, cols, deps) order: the network sees N x 1 x rows x cols x "
-        "deps, i.e. 64x64x32 cubes with the axial (z) axis last, as read with SimpleITK and transposed to (x, y, z). "
+        "patch_size is in medtransfer's array order (D, H, W) = (z, y, x): the official 64x64x32 cubes, which the "
+        "official code feeds as N x 1 x rows x cols x deps (x, y, z, the axial axis last). "
         "Any size divisible by 8 runs; the authors saw the best results keeping 64x64x32. The url is the request "
         "form named in the official README (a download link follows it); the authors' SuPreM README also fetches "
         "the same file from https://www.dropbox.com/s/lh5kuyjxwjsxjpl/Genesis_Chest_CT.pt. The file is a dict "

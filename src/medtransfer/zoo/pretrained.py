@@ -35,7 +35,7 @@ class PretrainedCfg:
     in_channels: int = 1
     intensity: str = ""  # window and normalisation, in words
     spacing: tuple[float, ...] | None = None  # mm, in (D, H, W) order, None when unknown
-    patch_size: tuple[int, ...] | None = None
+    patch_size: tuple[int, ...] | None = None  # voxels in array order (D, H, W) / (H, W), as medtransfer feeds them
     pretraining: str = ""  # what the weights were trained on and how
     license: str = ""
     citation: str = ""

@@ -128,6 +128,14 @@ def test_finetune_segmentation_end_to_end_then_evaluate_and_predict(tmp_path, ph
     np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-5)
     assert set(np.unique(np.asarray(pred.dataobj))) <= set(range(7))
 
+    from typer.testing import CliRunner
+
+    from medtransfer.cli import app
+
+    result = CliRunner().invoke(app, ["predict", str(run), str(source_img)])  # default: RUN_DIR/predictions
+    assert result.exit_code == 0, result.output
+    assert (run / "predictions" / "phantom_000.nii.gz").is_file()
+
 
 def test_finetune_classification_on_phantom_csv(tmp_path, phantoms):
     cfg = validate({

@@ -101,14 +101,14 @@ def register(app: typer.Typer) -> None:
     def predict(
         run_dir: Path = typer.Argument(..., help="A segmentation finetune run folder."),
         inputs: list[Path] = typer.Argument(..., help="Images to segment."),
-        out: Path = typer.Option(..., "--out", help="Folder for the label maps."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Folder for the label maps (default: RUN_DIR/predictions)."),
     ) -> None:
         """Write a NIfTI label map per input, on the input's grid."""
         from ..errors import MedTransferError
         from .finetune import predict as run_predict
 
         try:
-            paths = run_predict(run_dir, inputs, out)
+            paths = run_predict(run_dir, inputs, out if out is not None else run_dir / "predictions")
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
         for p in paths:

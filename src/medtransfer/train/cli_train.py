@@ -14,11 +14,6 @@ from typing import Any, Optional
 import typer
 
 
-def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(code=2)
-
-
 def build_config(
     config: Optional[Path], *, model: Optional[str] = None, pretrained: Optional[str] = None,
     data: Optional[Path] = None, task: Optional[str] = None, recipe: Optional[str] = None,
@@ -29,28 +24,16 @@ def build_config(
     from .config import apply_overrides, read_yaml
 
     base: dict[str, Any] = read_yaml(config) if config is not None else {}
-    flags: list[str] = []
-    if model is not None:
-        flags.append(f"model.name={model}")
-    if pretrained is not None:  # "true"/"false" read as YAML booleans, anything else as a file path
-        flags.append(f"model.pretrained={pretrained}")
-    if data is not None:
-        flags.append(f"data.path={data}")
-    if task is not None:
-        flags.append(f"model.task={task}")
-    if recipe is not None:
-        flags.append(f"recipe={recipe}")
-    if label_fraction is not None:
-        flags.append(f"data.label_fraction={label_fraction}")
-    if seed is not None:
-        flags.append(f"train.seed={seed}")
-    if out is not None:
-        flags.append(f"out={out}")
+    # each flag is a dotted override; "true"/"false" for --pretrained read as YAML booleans, else a file path
+    fields = {"model.name": model, "model.pretrained": pretrained, "data.path": data, "model.task": task,
+              "recipe": recipe, "data.label_fraction": label_fraction, "train.seed": seed, "out": out}
+    flags = [f"{key}={value}" for key, value in fields.items() if value is not None]
     return apply_overrides(base, [*flags, *overrides])
 
 
 def register(app: typer.Typer) -> None:
     """Add ``finetune``, ``evaluate`` and ``predict`` to ``app``."""
+    from ..cli import _fail  # the CLI's one way of reporting a user error (cli.py imports this module lazily)
 
     @app.command()
     def finetune(

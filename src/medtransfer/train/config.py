@@ -268,9 +268,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- validation
 
 
-def _section_at(loc: Iterable[Any]) -> type[BaseModel] | None:
-    """The config class at a dotted location (None when the location is not a section)."""
-    cls: type[BaseModel] = FinetuneConfig
+def _section_at(loc: Iterable[Any], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    """The config class at a dotted location of ``root`` (default :class:`FinetuneConfig`); None if not a section."""
+    cls: type[BaseModel] = root or FinetuneConfig
     for part in loc:
         field = cls.model_fields.get(str(part))
         sub = getattr(field, "annotation", None) if field else None
@@ -280,8 +280,8 @@ def _section_at(loc: Iterable[Any]) -> type[BaseModel] | None:
     return cls
 
 
-def _unknown_key_message(loc: tuple, key: str) -> str:
-    cls = _section_at(loc)
+def _unknown_key_message(loc: tuple, key: str, root: type[BaseModel] | None = None) -> str:
+    cls = _section_at(loc, root)
     valid = sorted(cls.model_fields) if cls else []
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -289,14 +289,14 @@ def _unknown_key_message(loc: tuple, key: str) -> str:
     return f"unknown key {key!r}{hint}; valid keys under {where}: {', '.join(valid)}"
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, root: type[BaseModel] | None = None) -> str:
     lines: list[str] = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         # Union members add their type name to the location (model.pretrained.bool): keep the field path only.
         path = ".".join(str(p) for p in loc if not (isinstance(p, str) and p in ("bool", "str", "int", "float")))
         if err["type"] == "extra_forbidden":
-            msg = _unknown_key_message(loc[:-1], str(loc[-1]))
+            msg = _unknown_key_message(loc[:-1], str(loc[-1]), root)
         else:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] not in ("missing", "value_error") and not isinstance(err.get("input"), (dict, BaseModel)):
@@ -341,17 +341,17 @@ def dump_config(cfg: FinetuneConfig, path: str | os.PathLike) -> Path:
 # -------------------------------------------------------------------------------------------------- overrides
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(data: dict[str, Any], key: str, value: Any, root: type[BaseModel] | None = None) -> None:
     parts = key.split(".")
     if not all(parts):
         raise MedTransferError(f"override {key!r}: empty part in the dotted key")
-    cls: type[BaseModel] | None = FinetuneConfig
+    cls: type[BaseModel] | None = root or FinetuneConfig
     node = data
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         if cls is not None:  # inside a typed section: the key must be one of its fields
             if part not in cls.model_fields:
-                raise MedTransferError(f"override {key!r}: {_unknown_key_message(tuple(parts[:depth]), part)}")
+                raise MedTransferError(f"override {key!r}: {_unknown_key_message(tuple(parts[:depth]), part, root)}")
             sub = cls.model_fields[part].annotation
             cls = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
         if last:

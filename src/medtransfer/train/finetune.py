@@ -83,8 +83,13 @@ def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: str = "CT
     """Preset, spacing and patch size of the run: the config's values win; unset ones come from the contract.
 
     A config preset that differs from the contract's is kept, logged as a warning and recorded as a mismatch."""
-    pcfg = weights_contract(cfg.model.name)
-    contract_preset = CONTRACT_PRESETS.get(pcfg.source) if pcfg else None
+    pcfg = None
+    if isinstance(cfg.model.pretrained, str) and cfg.model.pretrained.lower() not in ("true", "false"):
+        from ..zoo.builder import file_pretrained_cfg
+
+        pcfg = file_pretrained_cfg(cfg.model.pretrained)  # a `medtransfer pretrain` file carries its own contract
+    pcfg = pcfg or weights_contract(cfg.model.name)
+    contract_preset = (pcfg.preset or CONTRACT_PRESETS.get(pcfg.source)) if pcfg else None
     # 2D images (8-bit PNG radiographs, photographs) carry no HU: a CT window would squash them into a sliver of
     # [0, 1], so 2D runs without a contract preset use the per-image z-score.
     fallback = "genesis_ct" if modality.upper() == "CT" and spatial_dims == 3 else "zscore"

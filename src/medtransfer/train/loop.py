@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import random
@@ -103,6 +103,12 @@ def _set_epoch(loader: Any, epoch: int) -> None:
         sampler = getattr(loader, attr, None)
         if sampler is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+
+
+def _forward_kwargs(batch: dict) -> dict[str, Any]:
+    """Extra model arguments a batch carries: ``head`` selects a dataset's decoder in multi-dataset training."""
+    head = batch.get("head")
+    return {} if head is None else {"head": int(head)}
 
 
 def _better(value: float, best: Optional[float], mode: str) -> bool:
@@ -198,8 +204,15 @@ def fit(
     device: torch.device | str | None = None,
     resume: bool = False,
     progress: bool = True,
+    batch_transform: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> FitResult:
-    """Train ``model`` on ``train_loader``; see the module docstring. Returns a :class:`FitResult`."""
+    """Train ``model`` on ``train_loader``; see the module docstring. Returns a :class:`FitResult`.
+
+    ``batch_transform(image, label) -> (image, label)`` runs on each training batch after it reaches the device
+    (pretext corruptions such as Models Genesis' run there, on the GPU when there is one); its random draws use
+    torch's global generators, which ``last.pt`` saves, so resuming stays exact. A batch with a ``"head"`` entry
+    (multi-dataset pretraining) is passed to the model as ``model(image, head=batch["head"])``.
+    """
     monitor_name, monitor_mode = monitor
     if monitor_mode not in ("max", "min"):
         raise ValueError(f"monitor mode must be 'max' or 'min', got {monitor_mode!r}")
@@ -255,7 +268,9 @@ def fit(
         if freeze > 0:  # DDP registers only parameters that require grad at wrap time: wrap with all of them
             set_encoder_trainable(base, True)
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if use_cuda else None, find_unused_parameters=freeze > 0
+            model, device_ids=[device.index] if use_cuda else None,
+            # frozen parts, and the idle decoders of multi-dataset training, get no gradient in a step
+            find_unused_parameters=freeze > 0 or bool(getattr(base, "has_unused_parameters", False)),
         )
         if freeze != 0:
             set_encoder_trainable(base, trainable)
@@ -293,7 +308,7 @@ def fit(
             for batch in val_loader:
                 image, label = to_device(batch["image"]), batch["label"].to(device)
                 with autocast():
-                    logits = base(image)
+                    logits = base(image, **_forward_kwargs(batch))
                 logits = logits.float()
                 n = int(image.shape[0])
                 loss_sum += float(loss_fn(logits, label)) * n
@@ -429,13 +444,15 @@ def fit(
                     break
                 wait_time += time.perf_counter() - t_wait
                 image, label = to_device(batch["image"]), batch["label"].to(device)
+                if batch_transform is not None:
+                    image, label = batch_transform(image, label)
                 micro += 1
                 batches_done += 1
                 sync = micro % accum == 0 or (n_batches is not None and batches_done >= n_batches)
                 no_sync = train_model.no_sync if (is_distributed() and not sync) else contextlib.nullcontext
                 with no_sync():
                     with autocast():
-                        logits = train_model(image)
+                        logits = train_model(image, **_forward_kwargs(batch))
                     loss = loss_fn(logits.float(), label)
                     if not torch.isfinite(loss):
                         raise MedTransferError(f"the training loss became {float(loss)} at step {step}; "

@@ -32,6 +32,27 @@ def read_converted(path: str | os.PathLike, source: str = "auto") -> tuple[State
     return sd, chosen.name, raw.metadata
 
 
+def file_pretrained_cfg(path: str | os.PathLike) -> PretrainedCfg | None:
+    """The :class:`PretrainedCfg` stored in a medtransfer safetensors file (``medtransfer pretrain`` output), read
+    from the header alone; None for any other file."""
+    from ..weights.io import SAFETENSORS_META_KEY, _is_safetensors
+
+    path = Path(path)
+    if not path.is_file() or not _is_safetensors(path):
+        return None
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(SAFETENSORS_META_KEY, "{}"))
+    except Exception:  # noqa: BLE001 - a damaged file is reported when the weights are read
+        return None
+    data = meta.get("pretrained_cfg") if isinstance(meta, dict) else None
+    return PretrainedCfg.from_dict(data) if isinstance(data, dict) else None
+
+
 def load_notes(entry: ModelEntry, source: str, inferred: dict[str, Any]) -> list[str]:
     """What a key-and-shape comparison cannot tell about loading a ``source`` file into ``entry``'s model."""
     notes = [str(n) for n in inferred.get("notes", [])]
@@ -125,6 +146,8 @@ def create_model(
             num_classes = int(ckpt_classes)
         if in_channels is None and meta.get("in_channels"):
             in_channels = int(meta["in_channels"])  # a converted file records the channel count it was made for
+        if cfg is None and isinstance(meta.get("pretrained_cfg"), dict):
+            cfg = PretrainedCfg.from_dict(meta["pretrained_cfg"])  # a file from `medtransfer pretrain`
     kwargs.update(arch_kwargs)
 
     options = set(entry.arch_options)

@@ -34,6 +34,7 @@ class PretrainedCfg:
     modality: str = "CT"
     in_channels: int = 1
     intensity: str = ""  # window and normalisation, in words
+    preset: str | None = None  # medtransfer intensity preset (data.preprocess.PRESETS) that reproduces it, if one does
     spacing: tuple[float, ...] | None = None  # mm, in (D, H, W) order, None when unknown
     patch_size: tuple[int, ...] | None = None  # voxels in array order (D, H, W) / (H, W), as medtransfer feeds them
     pretraining: str = ""  # what the weights were trained on and how
@@ -47,6 +48,15 @@ class PretrainedCfg:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PretrainedCfg:
+        """The inverse of :meth:`to_dict` (JSON lists back to tuples; unknown keys are ignored)."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("spacing", "patch_size"):
+            if known.get(key) is not None:
+                known[key] = tuple(known[key])
+        return cls(**known)
 
 
 def weights_home() -> Path:

@@ -1,0 +1,75 @@
+"""``medtransfer pretrain``: :func:`register` adds the command to a Typer app.
+
+Config building order, as for ``finetune``: the ``--config`` file, then the flags, then each ``--set key=value``;
+the method's recipe is merged under the result and everything is validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .config import METHOD_SUMMARY
+
+_METHODS_HELP = "; ".join(f"{name}: {text}" for name, text in METHOD_SUMMARY.items())
+
+
+def build_pretrain_config(config: Optional[Path], *, method: Optional[str] = None, model: Optional[str] = None,
+                          data: Optional[list[Path]] = None, recipe: Optional[str] = None,
+                          seed: Optional[int] = None, out: Optional[Path] = None, overrides: tuple[str, ...] | list[str] = ()):
+    """The validated :class:`~medtransfer.pretext.config.PretrainConfig` of a command line."""
+    from ..train.config import read_yaml
+    from .config import load_pretrain_config
+
+    base: dict[str, Any] = read_yaml(config) if config is not None else {}
+    if method is not None:
+        base["method"] = method
+    if model is not None:
+        base.setdefault("model", {})["name"] = model
+    if data:
+        base.setdefault("data", {})["paths"] = [str(p) for p in data]
+    for key, value in (("recipe", recipe), ("out", str(out) if out is not None else None)):
+        if value is not None:
+            base[key] = value
+    if seed is not None:
+        base.setdefault("train", {})["seed"] = seed
+    return load_pretrain_config(base, overrides)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``pretrain`` to ``app``."""
+    from ..cli import _fail
+
+    @app.command(help=f"Pretrain a zoo network on your own scans. Methods: {_METHODS_HELP}. Writes config.yaml, "
+                      "env.json, data.json, metrics.jsonl, checkpoints/ and pretrained.safetensors (with its input "
+                      "contract), which `finetune --pretrained FILE` and mt.create_model(NAME, pretrained=FILE) load.")
+    def pretrain(
+        method: Optional[str] = typer.Option(None, "--method", "-m", help="genesis, volf, med3d or vdt."),
+        model: Optional[str] = typer.Option(None, "--model", help="Zoo model name (default per method: "
+                                            "genesis_unet3d, fmunet, medicalnet_resnet10, vdt_resnet18_3d)."),
+        data: Optional[list[Path]] = typer.Option(None, "--data", help="Dataset folder/file (repeat for med3d; "
+                                                  "a .npy cube file for genesis). Default: embedded phantoms."),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+        recipe: Optional[str] = typer.Option(None, "--recipe", help="published (default), modern (genesis) or none."),
+        seed: Optional[int] = typer.Option(None, "--seed"),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/pretrain)."),
+        overrides: list[str] = typer.Option([], "--set", help="key=value override, e.g. train.max_steps=100, "
+                                            "options.flip_rate=0.5 (repeatable)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from <out>/checkpoints/last.pt."),
+    ) -> None:
+        from ..errors import MedTransferError
+        from .runner import run_pretrain
+
+        try:
+            cfg = build_pretrain_config(config, method=method, model=model, data=data, recipe=recipe, seed=seed,
+                                        out=out, overrides=overrides)
+        except (MedTransferError, ValueError) as exc:
+            _fail(exc)
+        try:
+            run_dir = run_pretrain(cfg, resume=resume, progress=sys.stderr.isatty())
+        except (MedTransferError, ValueError) as exc:
+            _fail(exc)
+        typer.echo(str(run_dir / "pretrained.safetensors"))

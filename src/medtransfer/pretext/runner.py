@@ -279,6 +279,8 @@ def _setup_med3d(cfg: PretrainConfig, out: Path, progress: bool) -> Setup:
     _check_divisible(encoder, patch, cfg.model.name)
     net = MultiDatasetNet(encoder, heads)
     net.model_name = getattr(encoder, "model_name", cfg.model.name)
+    net.encoder_prefixes = ("encoder.",)  # optim.encoder_lr_mult and freezing act on the shared encoder
+    net.has_unused_parameters = len(heads) > 1  # under DDP, the idle decoders of a step get no gradient
     val_loader = None
     if any(v is not None for v in val_loaders):
         val_loader = _HeadedVal([(k, v) for k, v in enumerate(val_loaders) if v is not None])

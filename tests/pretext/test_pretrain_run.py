@@ -46,7 +46,7 @@ def _config(method: str, data: list, out: Path, **extra) -> dict:
     return cfg
 
 
-def _check_run(run_dir: Path, *, val_drops: bool = True) -> list[float]:
+def _check_run(run_dir: Path, *, val_drops: bool = True, train_drops: bool = True) -> list[float]:
     for name in RUN_FILES:
         assert (run_dir / name).is_file(), name
     env = json.loads((run_dir / "env.json").read_text())
@@ -55,14 +55,21 @@ def _check_run(run_dir: Path, *, val_drops: bool = True) -> list[float]:
     assert len(losses) == 2 and all(np.isfinite(losses))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r["train_loss"] for r in records if r["train_loss"] is not None]
-    assert train[-1] < train[0], train
+    if train_drops:  # per-epoch means of a handful of random patches: compare the first and last thirds
+        third = max(1, len(train) // 3)
+        assert np.mean(train[-third:]) < np.mean(train[:third]), train
     if val_drops:  # BatchNorm running statistics after 10 steps make some networks' validation loss meaningless
         assert losses[1] < losses[0], losses
     return losses
 
 
-def test_genesis_pretraining_lowers_loss_and_loads_for_finetuning(phantoms, tmp_path):
-    run = run_pretrain(_config("genesis", [phantoms], tmp_path / "g"), progress=False)
+@pytest.fixture(scope="module")
+def genesis_run(phantoms, tmp_path_factory) -> Path:
+    return run_pretrain(_config("genesis", [phantoms], tmp_path_factory.mktemp("genesis") / "g"), progress=False)
+
+
+def test_genesis_pretraining_lowers_loss_and_loads_for_finetuning(genesis_run):
+    run = genesis_run
     _check_run(run)
     raw = read_checkpoint(run / "pretrained.safetensors")
     cfg = raw.metadata["pretrained_cfg"]
@@ -80,11 +87,11 @@ def test_genesis_pretraining_lowers_loss_and_loads_for_finetuning(phantoms, tmp_
     assert {m[0] for m in report.mismatched} == {"out_tr.final_conv.weight", "out_tr.final_conv.bias"}
 
 
-def test_finetune_reads_the_contract_of_a_pretrained_file(phantoms, tmp_path):
+def test_finetune_reads_the_contract_of_a_pretrained_file(phantoms, genesis_run):
     from medtransfer.train.config import load_config
     from medtransfer.train.finetune import resolve_contract
 
-    run = run_pretrain(_config("genesis", [phantoms], tmp_path / "g", train={"max_steps": 2}), progress=False)
+    run = genesis_run
     cfg = load_config({"model": {"name": "genesis_unet3d", "pretrained": str(run / "pretrained.safetensors")},
                        "data": {"path": str(phantoms)}})
     contract = resolve_contract(cfg, 3)
@@ -93,10 +100,10 @@ def test_finetune_reads_the_contract_of_a_pretrained_file(phantoms, tmp_path):
 
 
 def test_genesis_resume_is_exact(phantoms, tmp_path):
-    base = _config("genesis", [phantoms], tmp_path / "full", train={"max_steps": 4, "val_every": 2,
-                                                                      "deterministic": True})
+    base = _config("genesis", [phantoms], tmp_path / "full", optim={"name": "sgd", "lr": 0.1},
+                   train={"max_steps": 2, "val_every": 1, "deterministic": True})
     full = run_pretrain(base, progress=False)
-    half = dict(base, out=str(tmp_path / "half"), train={**base["train"], "max_steps": 2})
+    half = dict(base, out=str(tmp_path / "half"), train={**base["train"], "max_steps": 1})
     run_pretrain(half, progress=False)
     resumed = run_pretrain(dict(half, train={**base["train"]}), resume=True, progress=False)
     a = torch.load(full / "checkpoints" / "last.pt", weights_only=False)["model"]
@@ -109,7 +116,8 @@ def test_genesis_from_a_cube_file(tmp_path):
     cubes = rng.random((6, 16, 32, 32), dtype=np.float32)
     path = tmp_path / "cubes_16x32x32_subset0.npy"
     np.save(path, cubes)
-    cfg = _config("genesis", [path], tmp_path / "c", train={"max_steps": 2, "val_every": 1})
+    cfg = _config("genesis", [path], tmp_path / "c", optim={"name": "sgd", "lr": 0.1},
+                  train={"max_steps": 1, "val_every": 1})
     cfg["data"]["patch_size"] = None
     run = run_pretrain(cfg, progress=False)
     data = json.loads((run / "data.json").read_text())
@@ -124,7 +132,7 @@ def test_volf_pretraining_lowers_loss_and_loads(phantoms, tmp_path):
     run = run_pretrain(_config("volf", [phantoms], tmp_path / "v",
                                model={"name": "fmunet", "arch": {"feature_chns": [4, 8, 16, 32, 64]}},
                                options={"block_min": [2, 4, 4], "block_max": [8, 16, 16]}), progress=False)
-    _check_run(run)
+    _check_run(run, train_drops=False)  # each step fuses new pairs: the fixed validation set is the measure
     model = mt.create_model("fmunet", pretrained=run / "pretrained.safetensors")  # width from the file's metadata
     assert model.load_report.coverage == 1.0 and not model.load_report.mismatched
     assert model(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 5, 16, 32, 32)  # K + 1 = 5 classes from the head

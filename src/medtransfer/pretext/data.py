@@ -74,7 +74,7 @@ class CubeArray(_Seeded):
         return len(self.indices)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        cube = np.ascontiguousarray(self.cubes[self.indices[index]], dtype=np.float32)
+        cube = np.array(self.cubes[self.indices[index]], dtype=np.float32)  # a writable copy of a memmap row
         return {"image": torch.from_numpy(cube)[None], "label": torch.zeros((), dtype=torch.int64),
                 "case_id": f"cube_{self.indices[index]}"}
 

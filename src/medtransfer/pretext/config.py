@@ -15,6 +15,7 @@ from typing import Any, Iterable, Literal, Mapping, Optional, Union
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import MedTransferError, UnknownModelError
+from ..train.recipes import merge
 from ..train.config import (
     OptimConfig,
     ScheduleConfig,
@@ -147,17 +148,6 @@ def method_recipe(method: str, recipe: str) -> dict[str, Any]:
     raise MedTransferError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _merge_under(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """``top``'s values win; mappings merge key by key."""
-    out = _deep_copy(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge_under(out[key], value)
-        else:
-            out[key] = _deep_copy(value) if isinstance(value, Mapping) else value
-    return out
-
-
 def validate_pretrain(data: Mapping[str, Any]) -> PretrainConfig:
     """Merge the recipe under ``data`` and validate; errors name the field."""
     data = _deep_copy(data)
@@ -168,7 +158,7 @@ def validate_pretrain(data: Mapping[str, Any]) -> PretrainConfig:
             data["model"].setdefault("name", DEFAULT_MODEL[method])
         recipe = data.get("recipe", "published")
         if recipe in ("published", "modern", "none") and not (recipe == "modern" and method != "genesis"):
-            data = _merge_under(method_recipe(method, recipe), data)
+            data = merge(method_recipe(method, recipe), data)
     train = data.setdefault("train", {})
     if isinstance(train, dict):
         train.setdefault("monitor", "loss")  # pretext tasks have no task metric worth monitoring by default

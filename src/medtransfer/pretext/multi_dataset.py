@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..weights.export import export_official
+from ..zoo.resnet3d import _kaiming_init, conv_seg_head
 
 # side of the cube used to measure an encoder's output channels when feature_channels is not given
 _DRY_RUN_SIZE = 32
@@ -55,23 +56,9 @@ class ConvSegHead(nn.Sequential):
         in_channels = _check_positive_int("in_channels", in_channels)
         num_classes = _check_positive_int("num_classes", num_classes)
         mid_channels = _check_positive_int("mid_channels", mid_channels)
-        super().__init__(
-            nn.ConvTranspose3d(in_channels, mid_channels, kernel_size=2, stride=2),
-            nn.BatchNorm3d(mid_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv3d(mid_channels, mid_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm3d(mid_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv3d(mid_channels, num_classes, kernel_size=1, bias=False),
-        )
+        super().__init__(*conv_seg_head(in_channels, num_classes, mid_channels))
         self.in_channels, self.num_classes, self.mid_channels = in_channels, num_classes, mid_channels
-        # MedicalNet's initialisation: Kaiming-normal (fan_out) convolutions, BN weight 1 / bias 0.
-        for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _kaiming_init(self)  # MedicalNet's initialisation: Kaiming-normal (fan_out) convolutions, BN 1 / 0
 
 
 class MultiDatasetNet(nn.Module):

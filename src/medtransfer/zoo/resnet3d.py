@@ -133,19 +133,20 @@ def make_stage(
     return nn.Sequential(*blocks)
 
 
-def conv_seg_head(in_channels: int, num_classes: int) -> nn.Sequential:
+def conv_seg_head(in_channels: int, num_classes: int, mid_channels: int = 32) -> nn.Sequential:
     """MedicalNet's light segmentation head (indices 0-6 as in the official ``conv_seg``): x2 up, so input/4 out.
 
-    Public because MedicalNet pretraining co-trains one such head per dataset on a shared encoder.
+    Public because MedicalNet pretraining co-trains one such head per dataset on a shared encoder
+    (:class:`medtransfer.pretext.multi_dataset.ConvSegHead`). ``mid_channels=32`` is the official width.
     """
     return nn.Sequential(
-        nn.ConvTranspose3d(in_channels, 32, kernel_size=2, stride=2),
-        nn.BatchNorm3d(32),
+        nn.ConvTranspose3d(in_channels, mid_channels, kernel_size=2, stride=2),
+        nn.BatchNorm3d(mid_channels),
         nn.ReLU(inplace=True),
-        nn.Conv3d(32, 32, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm3d(32),
+        nn.Conv3d(mid_channels, mid_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm3d(mid_channels),
         nn.ReLU(inplace=True),
-        nn.Conv3d(32, num_classes, kernel_size=1, bias=False),
+        nn.Conv3d(mid_channels, num_classes, kernel_size=1, bias=False),
     )
 
 

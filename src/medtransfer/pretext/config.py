@@ -25,6 +25,7 @@ from ..train.config import (
     _Section,
     _set_dotted,
     format_validation_error,
+    known_preset,
     parse_value,
     read_yaml,
 )
@@ -85,11 +86,7 @@ class PretextDataConfig(_Section):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, name: Optional[str]) -> Optional[str]:
-        from ..data.preprocess import PRESETS
-
-        if name is not None and name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return name
+        return known_preset(name)
 
     @field_validator("spacing", "patch_size")
     @classmethod

@@ -56,6 +56,7 @@ CURVE_SAMPLES = 4096  # Bezier samples per curve
 LUT_SIZE = 4096  # entries of the per-sample intensity look-up table on [0, 1]
 MAX_LOCAL_BLOCKS = 1_000_000  # more shuffled blocks per cube is a typo, not a setting
 CPU_SHUFFLE_CHUNK = 1  # cubes per vectorised shuffle on CPU: bigger slot arrays fall out of cache (GPU: all)
+SHUFFLE_BANK = 16  # uniform permutations drawn per block volume and local_shuffle call
 
 
 @dataclass(frozen=True)
@@ -187,50 +188,76 @@ def _draw_shuffle_blocks(n: int, spatial: tuple[int, int, int], count: int, gene
     return sides, _randint(0, dims - sides, (n, count, 3), generator, device)
 
 
-def _shape_table(max_sides: list[int], strides: tuple[int, int], device: torch.device):
-    """In-block voxel offsets of every block shape, concatenated shape after shape (row-major inside a block).
+def _permutation_bank(volume: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(C, count, max volume): row [c, k] starts with a uniform random permutation of range(volume[c]).
 
-    Shape code ``((sx - 1) * my + sy - 1) * mz + sz - 1``; returns (offsets, volume per code, first entry per code)."""
-    mx, my, mz = max_sides
-    ax = [torch.arange(m, device=device) for m in (mx, my, mz)]
-    sx, sy, sz = torch.meshgrid(ax[0] + 1, ax[1] + 1, ax[2] + 1, indexing="ij")
-    sx, sy, sz = sx.reshape(-1, 1, 1, 1), sy.reshape(-1, 1, 1, 1), sz.reshape(-1, 1, 1, 1)
-    i, j, k = ax[0].view(-1, 1, 1), ax[1].view(1, -1, 1), ax[2].view(1, 1, -1)
-    inside = (i < sx) & (j < sy) & (k < sz)
-    offsets = (i * strides[0] + j * strides[1] + k).expand_as(inside)[inside]
+    Codes of equal volume share their rows; the entries past a row's volume are never read."""
+    width = int(volume.max())
+    distinct, inverse = volume.unique(return_inverse=True)
+    keys = torch.rand((distinct.numel(), count, width), generator=generator, device=volume.device,
+                      dtype=torch.float64)
+    keys.masked_fill_(torch.arange(width, device=volume.device) >= distinct.view(-1, 1, 1), 2.0)
+    return keys.argsort(-1).index_select(0, inverse)
+
+
+def _shuffle_tables(spatial: tuple[int, int, int], generator: torch.Generator | None, device: torch.device):
+    """Per block shape code ``((sx - 1) * my + sy - 1) * mz + sz - 1``: the volume (C,), the in-block voxel offset
+    of row-major in-block index l (C * W,) and the offset of the voxel that index l reads under bank permutation k
+    (C * SHUFFLE_BANK * W,), W the largest volume."""
+    max_sides = [max(1, d // 10) for d in spatial]
+    grids = torch.meshgrid(*[torch.arange(1, m + 1, device=device) for m in max_sides], indexing="ij")
+    sx, sy, sz = (g.reshape(-1, 1) for g in grids)
     volume = (sx * sy * sz).view(-1)
-    return offsets, volume, volume.cumsum(0) - volume
+    local = torch.arange(int(volume.max()), device=device)
+    offsets = (local // (sy * sz)) * (spatial[1] * spatial[2]) + (local // sz % sy) * spatial[2] + local % sz
+    offsets = torch.where(local < volume.view(-1, 1), offsets, 0)
+    bank = _permutation_bank(volume, SHUFFLE_BANK, generator)
+    sources = offsets.gather(1, bank.view(volume.numel(), -1))
+    return volume, offsets.view(-1), sources.view(-1), max_sides
+
+
+def _shuffle_chunk(x: torch.Tensor, sides: torch.Tensor, corners: torch.Tensor, pick: torch.Tensor,
+                   tables) -> torch.Tensor:
+    """Shuffle the drawn blocks of the cubes ``x`` (s, 1, X, Y, Z), s * X * Y * Z < 2**31."""
+    volume, offsets, sources, (_, my, mz) = tables
+    s, device, (_, ny, nz) = x.shape[0], x.device, x.shape[2:]
+    voxels, width = x[0].numel(), offsets.numel() // volume.numel()
+    code = (((sides[..., 0] - 1) * my + sides[..., 1] - 1) * mz + sides[..., 2] - 1).view(-1)
+    size = volume.index_select(0, code)
+    rows = torch.arange(s, device=device).view(-1, 1)
+    base = (rows * voxels + corners[..., 0] * (ny * nz) + corners[..., 1] * nz + corners[..., 2]).view(-1)
+    ends = size.cumsum(0)
+    total = int(ends[-1])
+    start = ends - size
+    # Slot p of block b is its in-block index l = p - start_b: the voxel base_b + offsets[code_b, l] takes the
+    # value of base_b + sources[code_b, pick_b, l]. Slots are numbered block after block in drawing order.
+    block = torch.repeat_interleave(torch.arange(code.numel(), device=device, dtype=torch.int32), size,
+                                    output_size=total)
+    slot = torch.arange(total, device=device)
+    corner = base.index_select(0, block)
+    dest = offsets.index_select(0, (code * width - start).index_select(0, block).add_(slot)).add_(corner)
+    row = (code * SHUFFLE_BANK + pick.view(-1)) * width - start
+    key = sources.index_select(0, row.index_select(0, block).add_(slot)).add_(corner).add_(slot, alpha=1 << 32)
+    # key = slot * 2**32 + source voxel; the largest key writing a voxel is the last block's. Unwritten voxels
+    # keep -2**62 + their own index, whose low 32 bits are that index: they read themselves.
+    winner = torch.arange(s * voxels, device=device).sub_(1 << 62)
+    winner.scatter_reduce_(0, dest, key, reduce="amax")
+    return x.reshape(-1).index_select(0, winner.bitwise_and_(0xFFFFFFFF)).view_as(x)
 
 
 def _local_shuffle(x: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
     """Shuffle ``count`` blocks in every cube of ``x`` (S, 1, X, Y, Z); the last block writing a voxel wins."""
-    s, device = x.shape[0], x.device
-    spatial = tuple(x.shape[2:])
-    nx, ny, nz = spatial
-    voxels = nx * ny * nz
+    s, device, spatial = x.shape[0], x.device, tuple(x.shape[2:])
     sides, corners = _draw_shuffle_blocks(s, spatial, count, generator, device)
-    max_sides = [max(1, d // 10) for d in spatial]
-    offsets, volume, first = _shape_table(max_sides, (ny * nz, nz), device)
-    code = (((sides[..., 0] - 1) * max_sides[1] + sides[..., 1] - 1) * max_sides[2] + sides[..., 2] - 1).view(-1)
-    sizes = volume[code]
-    rows = torch.arange(s, device=device).view(-1, 1)
-    base = (rows * voxels + corners[..., 0] * (ny * nz) + corners[..., 1] * nz + corners[..., 2]).view(-1)
-    ends = sizes.cumsum(0)
-    total = int(ends[-1])
-    # Blocks are numbered sample-major in drawing order, so "later block" = larger block id = larger slot index.
-    block = torch.repeat_interleave(torch.arange(code.numel(), device=device), sizes, output_size=total)
-    slot = torch.arange(total, device=device)
-    shift = first[code] - (ends - sizes)  # slot p of block b reads offsets[first[code_b] + p - start_b]
-    dest = base.index_select(0, block).add_(offsets[slot + shift.index_select(0, block)])
-    # Uniform permutation inside every block: sorting block + U[0, 1) keeps blocks in place, shuffles within.
-    keys = torch.rand(total, generator=generator, device=device, dtype=torch.float64).add_(block)
-    source = keys.argsort()
-    del keys, block
-    last = torch.full((s * voxels,), -1, dtype=torch.long, device=device)
-    last.scatter_reduce_(0, dest, slot, reduce="amax")
-    flat = x.reshape(-1)
-    moved = flat[dest[source[last.clamp(min=0)]]]
-    return torch.where(last >= 0, moved, flat).view_as(x)
+    pick = torch.randint(0, SHUFFLE_BANK, (s, count), generator=generator, device=device)
+    tables = _shuffle_tables(spatial, generator, device)
+    chunk = CPU_SHUFFLE_CHUNK if device.type == "cpu" else max(1, (2**31 - 1) // x[0].numel())
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    for lo in range(0, s, chunk):
+        part = slice(lo, lo + chunk)
+        out[part] = _shuffle_chunk(x[part], sides[part], corners[part], pick[part], tables)
+    return out
 
 
 # --- 3. non-linear intensity -----------------------------------------------------------------------------------
@@ -329,9 +356,7 @@ def corrupt(batch: torch.Tensor, generator: torch.Generator | None = None,
 
     rows = torch.nonzero(torch.rand(n, generator=generator, device=device) < cfg.local_rate).view(-1)
     if cfg.local_blocks > 0 and rows.numel() > 0:
-        chunk_size = CPU_SHUFFLE_CHUNK if device.type == "cpu" else rows.numel()
-        for chunk in rows.split(chunk_size):
-            inputs[chunk] = _local_shuffle(inputs[chunk], cfg.local_blocks, generator)
+        inputs[rows] = _local_shuffle(inputs[rows], cfg.local_blocks, generator)
 
     chosen = torch.rand(n, generator=generator, device=device) < cfg.nonlinear_rate
     controls, u_invert = _draw_curves(n, generator, device)

@@ -63,6 +63,15 @@ class ModelConfig(_Section):
         return self
 
 
+def known_preset(name: Optional[str]) -> Optional[str]:
+    """``name`` if it is an intensity preset of ``data.preprocess.PRESETS`` (or None), else a ValueError."""
+    from ..data.preprocess import PRESETS
+
+    if name is not None and name not in PRESETS:
+        raise ValueError(f"unknown intensity preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return name
+
+
 def _spatial(value: Optional[tuple], what: str) -> Optional[tuple]:
     if value is not None and len(value) not in (2, 3):
         raise ValueError(f"{what} needs 2 (2D) or 3 (3D) values, got {len(value)}")
@@ -88,11 +97,7 @@ class DataConfig(_Section):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, name: Optional[str]) -> Optional[str]:
-        from ..data.preprocess import PRESETS
-
-        if name is not None and name not in PRESETS:
-            raise ValueError(f"unknown intensity preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
-        return name
+        return known_preset(name)
 
     @field_validator("spacing")
     @classmethod

@@ -171,6 +171,13 @@ def zoo_inspect(
     console.print(f"  tensors         : {info.tensors} ({_millions(info.parameters)} floating-point values)")
     groups = ", ".join(f"{k} ({v})" for k, v in sorted(info.key_groups.items()))
     console.print(f"  key groups      : {groups}", highlight=False)
+    made = info.metadata.get("pretrained_cfg") if isinstance(info.metadata, dict) else None
+    if isinstance(made, dict):  # a `medtransfer pretrain` file: how it was made and the input it expects
+        console.print(f"  pretrained      : {made.get('pretraining', '')}", highlight=False)
+        contract = [f"preset {made['preset']}" if made.get("preset") else made.get("intensity", ""),
+                    f"patch {made['patch_size']}" if made.get("patch_size") else "",
+                    f"spacing {made['spacing']}" if made.get("spacing") else "native spacing"]
+        console.print(f"  input contract  : {', '.join(c for c in contract if c)}", highlight=False)
     table = Table(title="models this file fits" if not show_all else "all models")
     table.add_column("model", no_wrap=True)
     table.add_column("fits")

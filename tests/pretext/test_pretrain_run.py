@@ -189,6 +189,9 @@ def test_cli_pretrain(phantoms, tmp_path):
                                  "--set", "data.patch_size=[16,32,32]", "--set", "data.val_fraction=0"])
     assert result.exit_code == 0, result.output
     assert result.output.strip().endswith("pretrained.safetensors") and (out / "pretrained.safetensors").is_file()
+    inspect = runner.invoke(app, ["zoo", "inspect", str(out / "pretrained.safetensors")])
+    assert inspect.exit_code == 0 and "genesis (Models Genesis" in inspect.output
+    assert "preset genesis_ct, patch [16, 32, 32], native spacing" in " ".join(inspect.output.split())
     bad = runner.invoke(app, ["pretrain", "--method", "nope"])
     assert bad.exit_code == 2 and "method" in bad.output and "Traceback" not in bad.output
     typo = runner.invoke(app, ["pretrain", "--method", "genesis", "--set", "optim.lrr=1"])

@@ -46,6 +46,7 @@ Deviations from the published code (``pytorch/utils.py``), on purpose:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -188,6 +189,19 @@ def _draw_shuffle_blocks(n: int, spatial: tuple[int, int, int], count: int, gene
     return sides, _randint(0, dims - sides, (n, count, 3), generator, device)
 
 
+@functools.lru_cache(maxsize=8)
+def _shape_offsets(spatial: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block shape code ``((sx - 1) * my + sy - 1) * mz + sz - 1``: the volume (C,) and the in-block voxel
+    offset (C, W) of each row-major in-block index (0 past the volume), W the largest volume."""
+    max_sides = [max(1, d // 10) for d in spatial]
+    grids = torch.meshgrid(*[torch.arange(1, m + 1, device=device) for m in max_sides], indexing="ij")
+    sx, sy, sz = (g.reshape(-1, 1) for g in grids)
+    volume = (sx * sy * sz).view(-1)
+    local = torch.arange(int(volume.max()), device=device)
+    offsets = (local // (sy * sz)) * (spatial[1] * spatial[2]) + (local // sz % sy) * spatial[2] + local % sz
+    return volume, torch.where(local < volume.view(-1, 1), offsets, 0)
+
+
 def _permutation_bank(volume: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
     """(C, count, max volume): row [c, k] starts with a uniform random permutation of range(volume[c]).
 
@@ -200,46 +214,30 @@ def _permutation_bank(volume: torch.Tensor, count: int, generator: torch.Generat
     return keys.argsort(-1).index_select(0, inverse)
 
 
-def _shuffle_tables(spatial: tuple[int, int, int], generator: torch.Generator | None, device: torch.device):
-    """Per block shape code ``((sx - 1) * my + sy - 1) * mz + sz - 1``: the volume (C,), the in-block voxel offset
-    of row-major in-block index l (C * W,) and the offset of the voxel that index l reads under bank permutation k
-    (C * SHUFFLE_BANK * W,), W the largest volume."""
-    max_sides = [max(1, d // 10) for d in spatial]
-    grids = torch.meshgrid(*[torch.arange(1, m + 1, device=device) for m in max_sides], indexing="ij")
-    sx, sy, sz = (g.reshape(-1, 1) for g in grids)
-    volume = (sx * sy * sz).view(-1)
-    local = torch.arange(int(volume.max()), device=device)
-    offsets = (local // (sy * sz)) * (spatial[1] * spatial[2]) + (local // sz % sy) * spatial[2] + local % sz
-    offsets = torch.where(local < volume.view(-1, 1), offsets, 0)
-    bank = _permutation_bank(volume, SHUFFLE_BANK, generator)
-    sources = offsets.gather(1, bank.view(volume.numel(), -1))
-    return volume, offsets.view(-1), sources.view(-1), max_sides
-
-
 def _shuffle_chunk(x: torch.Tensor, sides: torch.Tensor, corners: torch.Tensor, pick: torch.Tensor,
-                   tables) -> torch.Tensor:
+                   volume: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
     """Shuffle the drawn blocks of the cubes ``x`` (s, 1, X, Y, Z), s * X * Y * Z < 2**31."""
-    volume, offsets, sources, (_, my, mz) = tables
-    s, device, (_, ny, nz) = x.shape[0], x.device, x.shape[2:]
-    voxels, width = x[0].numel(), offsets.numel() // volume.numel()
+    s, device, (nx, ny, nz) = x.shape[0], x.device, x.shape[2:]
+    voxels, (my, mz) = x[0].numel(), (max(1, ny // 10), max(1, nz // 10))
+    width = moves.numel() // (volume.numel() * SHUFFLE_BANK)
     code = (((sides[..., 0] - 1) * my + sides[..., 1] - 1) * mz + sides[..., 2] - 1).view(-1)
     size = volume.index_select(0, code)
     rows = torch.arange(s, device=device).view(-1, 1)
-    base = (rows * voxels + corners[..., 0] * (ny * nz) + corners[..., 1] * nz + corners[..., 2]).view(-1)
+    corner = (rows * voxels + corners[..., 0] * (ny * nz) + corners[..., 1] * nz + corners[..., 2]).view(-1)
     ends = size.cumsum(0)
     total = int(ends[-1])
-    start = ends - size
-    # Slot p of block b is its in-block index l = p - start_b: the voxel base_b + offsets[code_b, l] takes the
-    # value of base_b + sources[code_b, pick_b, l]. Slots are numbered block after block in drawing order.
+    # Slots number the voxels of all blocks, block after block in drawing order. Slot p = start_b + l of block b
+    # (in-block index l) reads moves[code_b, pick_b, l] = (offset of voxel l) * 2**32 + (offset of its source).
     block = torch.repeat_interleave(torch.arange(code.numel(), device=device, dtype=torch.int32), size,
                                     output_size=total)
-    slot = torch.arange(total, device=device)
-    corner = base.index_select(0, block)
-    dest = offsets.index_select(0, (code * width - start).index_select(0, block).add_(slot)).add_(corner)
-    row = (code * SHUFFLE_BANK + pick.view(-1)) * width - start
-    key = sources.index_select(0, row.index_select(0, block).add_(slot)).add_(corner).add_(slot, alpha=1 << 32)
-    # key = slot * 2**32 + source voxel; the largest key writing a voxel is the last block's. Unwritten voxels
+    row = ((code * SHUFFLE_BANK + pick.view(-1)) * width - ends + size).to(torch.int32)
+    move = moves.index_select(0, row.index_select(0, block).add_(torch.arange(total, device=device,
+                                                                             dtype=torch.int32)))
+    move.add_(corner.mul_((1 << 32) + 1).index_select(0, block))
+    dest = move >> 32
+    # key = block * 2**32 + source voxel: the largest key writing a voxel is the last block's. Unwritten voxels
     # keep -2**62 + their own index, whose low 32 bits are that index: they read themselves.
+    key = move.bitwise_and_(0xFFFFFFFF).add_(block, alpha=1 << 32)
     winner = torch.arange(s * voxels, device=device).sub_(1 << 62)
     winner.scatter_reduce_(0, dest, key, reduce="amax")
     return x.reshape(-1).index_select(0, winner.bitwise_and_(0xFFFFFFFF)).view_as(x)
@@ -250,13 +248,15 @@ def _local_shuffle(x: torch.Tensor, count: int, generator: torch.Generator | Non
     s, device, spatial = x.shape[0], x.device, tuple(x.shape[2:])
     sides, corners = _draw_shuffle_blocks(s, spatial, count, generator, device)
     pick = torch.randint(0, SHUFFLE_BANK, (s, count), generator=generator, device=device)
-    tables = _shuffle_tables(spatial, generator, device)
+    volume, offsets = _shape_offsets(spatial, device)
+    bank = _permutation_bank(volume, SHUFFLE_BANK, generator)  # (C, K, W)
+    moves = offsets.gather(1, bank.flatten(1)).view_as(bank).add_(offsets.unsqueeze(1) << 32).view(-1)
     chunk = CPU_SHUFFLE_CHUNK if device.type == "cpu" else max(1, (2**31 - 1) // x[0].numel())
     x = x.contiguous()
     out = torch.empty_like(x)
     for lo in range(0, s, chunk):
         part = slice(lo, lo + chunk)
-        out[part] = _shuffle_chunk(x[part], sides[part], corners[part], pick[part], tables)
+        out[part] = _shuffle_chunk(x[part], sides[part], corners[part], pick[part], volume, moves)
     return out
 
 

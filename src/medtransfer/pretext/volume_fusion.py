@@ -30,10 +30,10 @@ Deviations from the published code, on purpose:
 - The adaptive contrast no longer works in place and its divisions by ``p0 - min`` and ``max - p1`` (zero for flat
   volumes, giving NaN/Inf in the original) are guarded by ``eps``; a constant volume yields finite output.
 - Percentiles are exact, with ``numpy.percentile``'s linear interpolation, but not by sorting the view (the costliest
-  step of the pipeline, and ``torch.quantile`` refuses more than 16M elements): a strided subsample of
-  ``PERCENTILE_SAMPLE`` voxels brackets each wanted order statistic, which is then read from the few voxels inside the
-  brackets; a bracket that misses falls back to ``torch.kthvalue``. The subsample only speeds the search up: the
-  result has no subsampling error.
+  step of the pipeline): a strided subsample brackets each wanted order statistic, which is then selected among the
+  few voxels beyond the bracket (or counted, for ties at the view's extreme); a missed bracket falls back to
+  ``torch.kthvalue``. The gamma power is computed as ``exp(gamma * log(z))`` (float32: within 2e-5 of the float64
+  formula on [0, 1]).
 - A volume smaller than ``output_size`` on an axis is padded, centred, with its minimum value, instead of failing.
 - Range convention: the adaptive contrast maps every view onto [0, 1]; gamma keeps that range; the inversion is
   ``1 - x`` on that range, applied to both views with probability ``invert_rate``. All three belong to the intensity
@@ -329,87 +329,105 @@ def _draw_view_params(shape: Sequence[int], output_size: tuple[int, int, int], d
                       p0=p0, p1=p1, gamma=g, invert=intensity and w[6] < invert_rate, intensity=intensity)
 
 
-def _bracketed_pair(candidates: torch.Tensor, rank: int, a: torch.Tensor, c: torch.Tensor,
-                    n_below: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Values of rank ``rank`` and ``rank + 1`` (0-based) of a row, read from ``candidates`` (which hold every value
-    of the row in [a, c]; ``n_below`` values of the row are < a), or None when they do not both lie in [a, c]. Ties
-    at a or c are counted, only the values strictly inside are sorted."""
-    if n_below > rank:
+def _pair(row: torch.Tensor, ranks: tuple[int, int], bound: float, lower: bool, extreme: float,
+          values: torch.Tensor | None, n_out: int) -> list[float] | None:
+    """Order statistics ``ranks`` (0-based) of ``row`` if they lie on the ``lower`` (else upper) side of ``bound``,
+    else None. ``values`` holds every voxel on that side (``n_out`` voxels of the row are not in it); None: ``bound``
+    is the row's ``extreme`` and the ranks are read from the count of voxels equal to it."""
+    n = row.numel()
+    if values is None:
+        ties = int(torch.count_nonzero(row <= extreme if lower else row >= extreme))
+        return [extreme, extreme] if (ranks[1] < ties if lower else ranks[0] >= n - ties) else None
+    pos = [r if lower else r - n_out for r in ranks]
+    if min(pos) < 0 or max(pos) >= values.numel():
         return None
-    closed = candidates[(candidates >= a) & (candidates <= c)]
-    if rank + 1 >= n_below + closed.numel():
-        return None
-    n_at_a = int(torch.count_nonzero(closed == a))
-    inner = closed[(closed > a) & (closed < c)].sort().values
-
-    def value(r: int) -> torch.Tensor:
-        r -= n_below + n_at_a
-        return a if r < 0 else inner[r] if r < inner.numel() else c
-
-    return value(rank), value(rank + 1)
+    pair = [float(values.kthvalue(p + 1).values) for p in pos]
+    return pair if (pair[1] <= bound if lower else pair[0] >= bound) else None
 
 
-def _tails(row: torch.Tensor, p0: float, p1: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                                torch.Tensor]:
-    """Percentiles ``v0``, ``v1`` (p0, p1 in percent) of the 1-D row, exact, with numpy's linear interpolation; plus
-    ``index`` (None: the whole row) and ``values`` of a subset of the row that holds every voxel < v0 or > v1 and the
-    row's minimum and maximum.
+def _tails(row: torch.Tensor, p0: float, p1: float, lo: float,
+           hi: float) -> tuple[float, float, torch.Tensor | None]:
+    """Percentiles ``v0``, ``v1`` (p0, p1 in percent) of the 1-D row (minimum ``lo``, maximum ``hi``), exact, with
+    numpy's linear interpolation; plus ``index``: voxels of the row that include every voxel < v0 or > v1 (None:
+    the whole row).
 
-    A full sort of a 96^3 view costs more than the rest of the pipeline. Instead a strided subsample of
-    ``PERCENTILE_SAMPLE`` voxels gives a bracket [a, c] per percentile (about 5 sigma of the subsample rank either
-    side); one pass keeps the voxels <= c0 or >= a1 (a few percent for the default percentiles), and the wanted order
-    statistics are counted and sorted among those. A bracket that misses falls back to ``kthvalue``.
-    """
+    A strided subsample of ``PERCENTILE_SAMPLE`` voxels gives a bound per percentile (about 5 sigma of the subsample
+    rank beyond it), ``c0`` above the low one and ``a1`` below the high one; one pass keeps the voxels <= c0 or >= a1
+    (a few percent) and the order statistics are selected among those. A bound equal to the row's extreme (ties, e.g.
+    air in CT) is checked by counting instead; a bound that misses falls back to ``kthvalue`` on the whole row."""
     n = row.numel()
     pos = [p / 100 * (n - 1) for p in (p0, p1)]
     below = [min(math.floor(q), n - 1) for q in pos]
-    above = [min(b + 1, n - 1) for b in below]
-    if n <= 4 * PERCENTILE_SAMPLE:
-        ordered = row.sort().values
-        pairs = [(ordered[b], ordered[a]) for b, a in zip(below, above)]
-        index, values = None, row
-    else:
-        sample = row[:: n // PERCENTILE_SAMPLE].sort().values
-        m, inf = sample.numel(), row.new_tensor(float("inf"))
-        brackets = []
-        for q in pos:
+    ranks = [(b, min(b + 1, n - 1)) for b in below]
+    pairs: list[list[float] | None] = [None, None]
+    index = None
+    if n > 4 * PERCENTILE_SAMPLE:
+        sample = row[:: n // PERCENTILE_SAMPLE]
+        m = sample.numel()
+        bounds = []
+        for q, side in zip(pos, (1, -1)):
             est = q * (m - 1) / (n - 1)
-            margin = 5 * math.sqrt(max(est * (1 - est / m), 1.0)) + 8
-            lo_i, hi_i = max(math.floor(est - margin), 0), min(math.ceil(est + margin), m - 1)
-            brackets.append((sample[lo_i] if lo_i > 0 else -inf, sample[hi_i] if hi_i < m - 1 else inf))
-        (a0, c0), (a1, _) = brackets
-        index = ((row <= c0) | (row >= a1)).nonzero().squeeze(1)
-        values = row[index]
-        n_below = (int(torch.count_nonzero(values < a0)), n - int(torch.count_nonzero(values >= a1)))
-        pairs = []
-        for (a, c), b, b_up, k in zip(brackets, below, above, n_below):
-            pair = _bracketed_pair(values, b, a, c, k) if b_up > b else None
-            pairs.append(pair or (row.kthvalue(b + 1).values, row.kthvalue(b_up + 1).values))
-        if not (bool(pairs[0][1] <= c0) and bool(pairs[1][0] >= a1)):  # a missed bracket: the tails may be elsewhere
-            index, values = None, row
-    v0, v1 = (torch.lerp(lo, hi, q - b) for (lo, hi), q, b in zip(pairs, pos, below))
-    return v0, v1, index, values
+            i = est + side * (5 * math.sqrt(max(est * (1 - est / m), 1.0)) + 8)
+            i = math.ceil(i) if side > 0 else math.floor(i)
+            bounds.append(float(sample.kthvalue(i + 1).values) if 0 < i < m - 1 else side * math.inf)
+        c0, a1 = bounds
+        if c0 < a1 and c0 < math.inf and a1 > -math.inf:
+            tie_lo, tie_hi = c0 <= lo, a1 >= hi
+            mask = None if tie_lo and tie_hi else row >= a1 if tie_lo else row <= c0 if tie_hi else \
+                (row <= c0) | (row >= a1)
+            index = row.new_empty(0, dtype=torch.long) if mask is None else mask.nonzero().squeeze(1)
+            values = row[index]
+            n_out = n - values.numel()
+            pairs = [_pair(row, ranks[0], c0, True, lo, None if tie_lo else values, n_out),
+                     _pair(row, ranks[1], a1, False, hi, None if tie_hi else values, n_out)]
+    elif n > 1:
+        ordered = row.sort().values
+        pairs = [[float(ordered[r]) for r in rr] for rr in ranks]
+    if None in pairs:  # a missed bound: the tails may lie outside the kept voxels
+        index = None
+        pairs = [p or [float(row.kthvalue(r + 1).values) for r in rr] for p, rr in zip(pairs, ranks)]
+    # numpy's linear interpolation between the two order statistics (a + (b - a) t, from b for t >= 0.5)
+    v0, v1 = (a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
+              for (a, b), t in zip(pairs, (q - b for q, b in zip(pos, below))))
+    return v0, v1, index
 
 
-def _intensity(row: torch.Tensor, p0: float, p1: float, gamma: float, eps: float) -> torch.Tensor:
-    """Adaptive contrast then gamma of a 1-D row, as one mapping (see the module docstring):
+def _intensity(row: torch.Tensor, p0: float, p1: float, gamma: float, eps: float, invert: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Adaptive contrast then gamma (then ``1 - x`` if ``invert``) of a 1-D row, as one mapping written to ``out``:
     [min, v0] -> [0, 0.1], [v0, v1] -> [0.1, 0.9], [v1, max] -> [0.9, 1] (divisions guarded by eps), then
     y -> ((y - y_min) / (y_max - y_min + eps)) ** gamma * (y_max - y_min) + y_min.
 
-    All but about p0 + (100 - p1) percent of the voxels lie on the middle segment: every voxel is mapped with it, the
-    min-max scaling of the gamma step folded in, in one pass; the few tail voxels are then redone by index. The
-    contrast is monotone, so y_min and y_max come from the tail subset, which holds the row's extremes."""
-    v0, v1, index, values = _tails(row, p0, p1)
-    lo, hi = values.min(), values.max()
+    Every voxel is mapped with the middle segment (the gamma step's min-max scaling folded in), then the few tail
+    voxels (:func:`_tails`'s index) are redone exactly; the contrast is monotone, so y_min and y_max are the images of
+    the extremes. The power is ``exp(gamma * log(z) + log(range))`` in place (``pow`` costs three times more)."""
+    lo, hi = (float(v) for v in torch.aminmax(row))
+    v0, v1, index = _tails(row, p0, p1, lo, hi)
     s_lo, s_mid, s_hi = 0.1 / (v0 - lo + eps), 0.8 / (v1 - v0 + eps), 0.1 / (hi - v1 + eps)
-    y = torch.where(values < v0, (values - lo) * s_lo,
-                    torch.where(values > v1, (values - v1) * s_hi + 0.9, (values - v0) * s_mid + 0.1))
-    y_min, y_max = y.min(), y.max()
-    inv = 1 / (y_max - y_min + eps)
-    out = torch.addcmul((0.1 - v0 * s_mid - y_min) * inv, row, s_mid * inv)
-    tail = (values < v0) | (values > v1)
-    out[tail if index is None else index[tail]] = (y[tail] - y_min) * inv
-    return out.clamp_(min=0).pow_(gamma).mul_(y_max - y_min).add_(y_min)
+
+    def contrast(v: float) -> float:
+        return (v - lo) * s_lo if v < v0 else (v - v1) * s_hi + 0.9 if v > v1 else (v - v0) * s_mid + 0.1
+
+    y_min, y_max = contrast(lo), contrast(hi)
+    span = y_max - y_min
+    inv = 1 / (span + eps)
+    out = torch.empty_like(row) if out is None else out
+
+    def scalar(v: float) -> torch.Tensor:
+        return torch.tensor(v, dtype=row.dtype, device=row.device)
+
+    torch.add(scalar((0.1 - v0 * s_mid - y_min) * inv), row, alpha=s_mid * inv, out=out)
+    t = row if index is None else row[index]
+    y = torch.where(t < v0, (t - lo) * s_lo, torch.where(t > v1, (t - v1) * s_hi + 0.9, (t - v0) * s_mid + 0.1))
+    if index is None:
+        out.copy_((y - y_min) * inv)
+    else:
+        out.index_copy_(0, index, (y - y_min) * inv)
+    out.clamp_(min=0).log_()
+    torch.add(scalar(math.log(span) if span > 0 else -math.inf), out, alpha=gamma, out=out).exp_()
+    if invert:
+        return torch.add(scalar(1 - y_min), out, alpha=-1, out=out)
+    return out.add_(y_min) if y_min else out
 
 
 def crop_two_views(volume: torch.Tensor, output_size: Sequence[int], generator: torch.Generator | None = None, *,
@@ -455,19 +473,19 @@ def _crop_two_views(volume, output_size, generator, scale, aug_mode, flip_rate, 
     if any(a or b for a, b in params.pad):
         flat_pad = [p for pair in reversed(params.pad) for p in pair]  # F.pad wants the last axis first
         volume = F.pad(volume, flat_pad, value=float(volume.min()))
+    low_precision = volume.dtype in (torch.float16, torch.bfloat16)
     views = []
-    for start, crop, flip in zip(params.start, params.crop, params.flip):
+    for start, crop, flip, p0, p1, g in zip(params.start, params.crop, params.flip, params.p0, params.p1,
+                                            params.gamma):
         box = volume[:, start[0]:start[0] + crop[0], start[1]:start[1] + crop[1], start[2]:start[2] + crop[2]]
         view = box if crop == size else F.interpolate(box[None], size=size, mode="trilinear",
                                                       align_corners=False)[0]
         dims = [a + 1 for a in range(3) if flip[a]]
-        views.append(view.flip(dims) if dims else view)
-    if params.intensity:
-        low_precision = volume.dtype in (torch.float16, torch.bfloat16)
-        rows = [v.reshape(-1).float() if low_precision else v.reshape(-1) for v in views]
-        views = [_intensity(r, p0, p1, g, eps) for r, p0, p1, g in zip(rows, params.p0, params.p1, params.gamma)]
-        if params.invert:
-            views = [v.neg_().add_(1) for v in views]
-    stacked = torch.stack(views).to(volume.dtype)
-    stacked = stacked.view(2, 1, *size)
-    return (stacked[0], stacked[1]), params
+        view = view.flip(dims) if dims else view
+        if params.intensity:
+            row = view.reshape(-1).float() if low_precision else view.reshape(-1)
+            view = _intensity(row, p0, p1, g, eps, params.invert).to(volume.dtype).view(1, *size)
+        elif view is box:
+            view = box.clone()
+        views.append(view)
+    return (views[0], views[1]), params

@@ -143,6 +143,39 @@ def time_corrupt(batch: int, batches: int, threads: int, seed: int = 0) -> float
         torch.set_num_threads(previous)
 
 
+STEPS = {  # each corruption step alone, always applied, the others off (all_off: validation and copies only)
+    "all_off": dict(flip_rate=0.0, local_rate=0.0, nonlinear_rate=0.0, paint_rate=0.0),
+    "flip": dict(flip_rate=1.0, local_rate=0.0, nonlinear_rate=0.0, paint_rate=0.0),
+    "shuffle": dict(flip_rate=0.0, local_rate=1.0, nonlinear_rate=0.0, paint_rate=0.0),
+    "nonlinear": dict(flip_rate=0.0, local_rate=0.0, nonlinear_rate=1.0, paint_rate=0.0),
+    "paint": dict(flip_rate=0.0, local_rate=0.0, nonlinear_rate=0.0, paint_rate=1.0),
+    "default": {},
+}
+
+
+def time_steps(batch: int, repeats: int, seed: int = 0) -> dict[str, float]:
+    """Milliseconds per cube of each step alone (1 thread, best of ``repeats`` calls: a profile, not a rate)."""
+    from medtransfer.pretext.genesis import corrupt
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        data = torch.rand((batch, 1, *CUBE), generator=generator)
+        out = {}
+        for name, rates in STEPS.items():
+            corrupt(data, generator, **rates)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                corrupt(data, generator, **rates)
+                best = min(best, time.perf_counter() - start)
+            out[name] = best * 1e3 / batch
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     from medtransfer.provenance import cpu_name
 
@@ -158,8 +191,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         rows.append({"batch": batch, "batches": batches, "corrupt_1thread_cubes_per_s": one,
                      "corrupt_all_threads_cubes_per_s": many, "ratio_1thread": one / reference,
                      "ratio_all_threads": many / reference, "meets_target": one / reference >= TARGET_RATIO})
+    steps = time_steps(32, 2 if quick else 8)
     return {
         "benchmark": "pretext_genesis", "quick": quick, "cube": list(CUBE), "reference_cubes": ref_cubes,
+        "steps_ms_per_cube_1thread_batch32": steps,
         "reference_cubes_per_s": reference, "reference_threads": 1, "target_ratio": TARGET_RATIO, "rows": rows,
         "machine": {"device": "cpu", "cpu": cpu_name(), "torch_threads_all": all_threads,
                     "cpu_count": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__},
@@ -179,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{row['batch']:>5} {row['corrupt_1thread_cubes_per_s']:>14.1f} {row['ratio_1thread']:>7.1f}x "
               f"{row['corrupt_all_threads_cubes_per_s']:>16.1f} {row['ratio_all_threads']:>7.1f}x  "
               f"{'met' if row['meets_target'] else 'not met'}")
+    print("per step, 1 thread, batch 32, ms/cube (step always on, others off; best of repeats): " +
+          ", ".join(f"{k} {v:.2f}" for k, v in result["steps_ms_per_cube_1thread_batch32"].items()))
     from medtransfer.weights.io import atomic_write
 
     text = json.dumps(result, indent=2, default=float)

@@ -174,21 +174,65 @@ def test_shuffle_matches_sequential_semantics():
 
 
 def test_shuffle_permutation_is_uniform():
-    """One 2x2x1 block per cube: the value landing on its first voxel is uniform over the block's 4 values."""
-    n, spatial = 4000, (20, 20, 10)
-    x = ramp(n, spatial, torch.float64)
-    out = G._local_shuffle(x, 1, gen(7))
-    sides, corners = G._draw_shuffle_blocks(n, spatial, 1, gen(7), torch.device("cpu"))
-    full = (sides[:, 0, 0] == 2) & (sides[:, 0, 1] == 2)
-    rank = []
-    for s in torch.nonzero(full).view(-1).tolist():
-        cx, cy, cz = corners[s, 0].tolist()
-        block = x[s, 0, cx:cx + 2, cy:cy + 2, cz].flatten()
-        rank.append(int((block == out[s, 0, cx, cy, cz]).nonzero()))
+    """One 2x2x1 block per call: the value landing on its first voxel is uniform over the block's 4 values. One cube
+    per call, as blocks of one call share the SHUFFLE_BANK permutations of their volume."""
+    calls, spatial = 2400, (20, 20, 10)
+    x = ramp(1, spatial, torch.float64)
+    g, rank = gen(7), []
+    for _ in range(calls):
+        state = g.get_state()
+        out = G._local_shuffle(x, 1, g)
+        after = g.get_state()
+        sides, corners = G._draw_shuffle_blocks(1, spatial, 1, g.set_state(state), torch.device("cpu"))
+        g.set_state(after)
+        if int(sides[0, 0, 0]) == 2 and int(sides[0, 0, 1]) == 2:
+            cx, cy, cz = corners[0, 0].tolist()
+            block = x[0, 0, cx:cx + 2, cy:cy + 2, cz].flatten()
+            rank.append(int((block == out[0, 0, cx, cy, cz]).nonzero()))
     rank = torch.tensor(rank)
-    assert within(len(rank), n, 0.25)
+    assert within(len(rank), calls, 0.25)
     for r in range(4):
         assert within(int((rank == r).sum()), len(rank), 0.25)
+
+
+def test_permutation_bank_rows_are_uniform_permutations():
+    klass, row, classes = G._shape_classes((64, 64, 32), torch.device("cpu"))
+    assert klass.numel() == row.numel() == 6 * 6 * 3 and sum(v.numel() for v, _ in classes) == 108
+    for volume, offsets in classes:  # every class: volumes in [2**k, 2**(k + 1)), width its largest volume
+        assert offsets.shape == (volume.numel(), int(volume.max())) and int(volume.max()) < 2 * int(volume.min())
+        bank = G._permutation_bank(volume, G.SHUFFLE_BANK, offsets.shape[1], gen(20))
+        assert bank.shape == (volume.numel(), G.SHUFFLE_BANK, offsets.shape[1])
+        for c, v in enumerate(volume.tolist()):
+            assert torch.equal(bank[c, :, :v].sort(1).values, torch.arange(v).expand(G.SHUFFLE_BANK, v))
+    rows = G._permutation_bank(torch.tensor([3, 4]), 6000, 4, gen(21))  # many rows of one volume: uniform entries
+    for position in range(4):
+        for value in range(4):
+            assert within(int((rows[1, :, position] == value).sum()), 6000, 0.25)
+    assert rows[0, :, :3].sort(1).values.eq(torch.arange(3)).all() and bool((rows[0, :, 3] == 3).all())
+
+
+def test_shuffled_blocks_read_their_own_block():
+    """With thousands of overlapping blocks: every covered voxel holds the value of a voxel inside the box of the
+    last block covering it, no two voxels of one block read the same voxel, uncovered voxels keep their value."""
+    spatial, count, n = (32, 32, 20), 3000, 2
+    x = ramp(n, spatial, torch.float64)
+    out = G._local_shuffle(x, count, gen(22))
+    sides, corners = G._draw_shuffle_blocks(n, spatial, count, gen(22), torch.device("cpu"))
+    voxels = math.prod(spatial)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(d) for d in spatial], indexing="ij"), -1).view(-1, 3)
+    for s in range(n):
+        owner = torch.full(spatial, -1)
+        for b in range(count):
+            owner[tuple(slice(int(c), int(c + w)) for c, w in zip(corners[s, b], sides[s, b]))] = b
+        owner = owner.view(-1)
+        source = (out[s, 0].reshape(-1) * voxels - 0.5).round().long()  # ramp value -> voxel index
+        visible = owner >= 0
+        assert visible.float().mean() > 0.5 and torch.equal(source[~visible], torch.arange(voxels)[~visible])
+        low, width = corners[s][owner[visible]], sides[s][owner[visible]]
+        src = coords[source[visible]]
+        assert bool(((src >= low) & (src < low + width)).all())
+        pairs = owner[visible] * voxels + source[visible]
+        assert pairs.unique().numel() == pairs.numel()
 
 
 def test_local_rate():
@@ -275,17 +319,22 @@ def test_box_ranges_and_counts(kind):
         assert within(int((boxes == k).sum()), n, p)
 
 
-def test_box_union_matches_slicing():
-    spatial = (17, 15, 16)
-    sides, corners, active = G._draw_boxes(6, spatial, "inpaint", GenesisRates(inpaint_continue=0.7), gen(12),
-                                           torch.device("cpu"))
-    union = G._box_union(sides, corners, active, spatial)
-    expect = torch.zeros(6, 1, *spatial, dtype=torch.bool)
-    for s in range(6):
-        for k in range(5):
+@pytest.mark.parametrize("boxes", [5, 12, 40, 64])  # bit codes in uint8, int16, int32, int64
+def test_box_masks_match_slicing(boxes):
+    spatial, n = (17, 15, 16), 6
+    cfg = GenesisRates(inpaint_continue=0.97, max_inpaint_boxes=boxes)
+    sides, corners, active = G._draw_boxes(n, spatial, "inpaint", cfg, gen(12), torch.device("cpu"))
+    invert = torch.tensor([False, True, False, True, True, False])
+    union = torch.zeros(n, 1, *spatial, dtype=torch.bool)
+    for s in range(n):
+        for k in range(boxes):
             if active[s, k]:
-                expect[(s, 0) + tuple(slice(int(c), int(c + w)) for c, w in zip(corners[s, k], sides[s, k]))] = True
-    assert torch.equal(union, expect)
+                union[(s, 0) + tuple(slice(int(c), int(c + w)) for c, w in zip(corners[s, k], sides[s, k]))] = True
+    codes = G._box_codes(sides, corners, active, spatial)
+    assert torch.equal(G._code_mask(*codes, boxes, None), union)
+    assert torch.equal(G._code_mask(*codes, boxes, invert), union ^ invert.view(-1, 1, 1, 1, 1))
+    assert torch.equal(G._code_mask(*codes, boxes, torch.ones(n, dtype=torch.bool)), ~union)
+    assert int(active.sum(1).max()) > 8 or boxes == 5
 
 
 def test_paint_rates_and_regions():

@@ -12,7 +12,7 @@ is the MSE between the network's sigmoid output and the uncorrupted cube (:class
 2. **Local pixel shuffling** with p ``local_rate``: ``local_blocks`` blocks with sides ``U{1..max(1, dim // 10)}``
    and corners ``U{0..dim - side}`` (bounds inclusive); each block's voxels, read from the un-shuffled cube, are
    permuted uniformly at random and written back. Where blocks overlap the later block wins, as with the published
-   sequential writes: the result is exactly that of the published loop, for other random draws.
+   sequential writes.
 3. **Non-linear intensity** with p ``nonlinear_rate``: the cubic Bezier curve through (0,0), (a,b), (c,d), (1,1),
    ``a..d ~ U[0, 1)``, as an increasing map, or with p ``inverse_rate`` the decreasing one (map(0) = 1, map(1) = 0).
 4. **Painting** with p ``paint_rate``; in-painting with p ``inpaint_rate``, else out-painting.
@@ -23,22 +23,28 @@ is the MSE between the network's sigmoid output and the uncorrupted cube (:class
    ``dim - U{3 * dim // 7..4 * dim // 7}``, corner ``U{3..dim - side - 3}``, plus more such boxes while
    ``U < outpaint_continue``, ``max_outpaint_boxes`` in all.
 
-How it is vectorised: flips are three ``torch.where`` over flipped copies; shuffling enumerates the voxels of every
-block of every shuffled sample at once (a table of in-block offsets per block shape), permutes within blocks with one
-sort of ``block id + U[0, 1)`` keys, finds the last block writing each voxel with a ``scatter_reduce(amax)`` and
-gathers; the Bezier map becomes a per-sample look-up table on a uniform grid applied with one gather and a lerp;
-painting masks are broadcast comparisons of coordinate ranges with per-sample, per-box corners (box counts by one
-batched matrix product). On CPU the shuffle runs one cube per call (``CPU_SHUFFLE_CHUNK``): its slot arrays then stay
-in cache, which measured faster than one call for the whole batch; other devices take the batch at once.
+How it is vectorised: flips copy only the flipped samples. Shuffling groups the blocks of a cube by volume class
+([2**k, 2**(k+1))); per class one row gather from a per-call table (shape x bank permutation x in-block index,
+padded to the class's largest volume with repeats) gives every block voxel and the voxel it reads, and one
+``scatter_reduce(amax)`` of ``block * 2**32 + source`` keeps the last block per voxel; one gather reads the values
+(on CPU one cube at a time, ``CPU_SHUFFLE_CHUNK``). The Bezier map is a per-sample look-up table read with one
+``index_select``. Painting marks box k as bit k of per-(x, y) and per-z codes, so the noise mask is one ``&`` of
+bytes, and fills the noise with one ``torch.where``.
 
 Deviations from the published code (``pytorch/utils.py``), on purpose:
 
 - The flip axis off-by-one is fixed by default (``official_flip`` reproduces it).
 - Random draws come from torch on the batch's device with an explicit ``torch.Generator``; same seed, same output.
-- The Bezier curve is sampled at ``CURVE_SAMPLES`` points (published: 1e5) and applied through a ``LUT_SIZE``-entry
-  uniform look-up table instead of ``np.interp`` over the raw samples (largest difference to the published map about
-  1e-3, larger only next to a vertical tangent of the curve). Both coordinates of the curve are monotone for control
-  values in [0, 1], so the published "sort x and y" / "sort x only" equal "s ascending" / "y reversed" here.
+- Shuffle permutations come from a bank: per call, ``SHUFFLE_BANK`` uniform random permutations are drawn per block
+  volume and every block uses one of those of its volume, chosen uniformly: marginally uniform as published, but
+  blocks of one volume in one call (across the batch) share those permutations instead of each getting an
+  independent ``np.random.shuffle``. Which voxels change, and from which block they read, is exact.
+- The Bezier curve is sampled at ``CURVE_SAMPLES`` points (published: 1e5), as a polyline, into a ``LUT_SIZE``-entry
+  uniform look-up table read at the nearest entry instead of ``np.interp`` over the raw samples (difference to the
+  published map: median about 2e-5, 99.9 % below 1e-3, largest about 2e-3, next to a vertical tangent of the
+  curve). Both coordinates of the curve are monotone for control values in [0, 1], so the published "sort x and y" /
+  "sort x only" equal "s ascending" / "y reversed" here.
+- Integer draws (block and box sides and corners) scale float32 uniforms (2**24 levels) instead of float64 ones.
 - A cube side below 10 has block sides of 1 (the published ``randint(1, dim // 10)`` fails there); cubes too small
   for the painting boxes raise a ValueError instead of failing inside ``randint``.
 - The input dtype is kept (the published code works in float64) and the input batch is never modified.
@@ -54,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CURVE_SAMPLES = 4096  # Bezier samples per curve
-LUT_SIZE = 4096  # entries of the per-sample intensity look-up table on [0, 1]
+LUT_SIZE = 8192  # entries of the per-sample intensity look-up table on [0, 1] (nearest entry)
 MAX_LOCAL_BLOCKS = 1_000_000  # more shuffled blocks per cube is a typo, not a setting
 CPU_SHUFFLE_CHUNK = 1  # cubes per vectorised shuffle on CPU: bigger slot arrays fall out of cache (GPU: all)
 SHUFFLE_BANK = 16  # uniform permutations drawn per block volume and local_shuffle call
@@ -144,7 +150,7 @@ def _randint(low: torch.Tensor | int, high: torch.Tensor | int, shape: tuple[int
     """Uniform integers in [low, high], both inclusive, elementwise (low and high broadcast to shape)."""
     low = torch.as_tensor(low, device=device)
     high = torch.as_tensor(high, device=device)
-    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    u = torch.rand(shape, generator=generator, device=device)  # float32: 2**24 levels, ranges here are small
     return torch.minimum(low + (u * (high - low + 1)).long(), high.expand(shape))
 
 
@@ -173,10 +179,15 @@ def _slot_dims(cfg: GenesisRates) -> tuple[int | None, int | None, int | None]:
 def _apply_flips(x: torch.Tensor, slots: torch.Tensor, cfg: GenesisRates) -> torch.Tensor:
     # Flips along different axes commute, so each axis is flipped once where its flip count is odd.
     for slot, dim in enumerate(_slot_dims(cfg)):
-        odd = (slots == slot).sum(1) % 2 == 1
-        if dim is not None and bool(odd.any()):
-            x = torch.where(odd.view(-1, 1, 1, 1, 1), x.flip(dim), x)
+        rows = torch.nonzero((slots == slot).sum(1) % 2 == 1).view(-1)
+        if dim is not None and rows.numel() > 0:
+            x = _on_rows(x, rows, lambda part, dim=dim: part.flip(dim))
     return x
+
+
+def _on_rows(x: torch.Tensor, rows: torch.Tensor, fn) -> torch.Tensor:
+    """``x`` with ``fn`` applied to the samples ``rows`` (in place when not all of them)."""
+    return fn(x) if rows.numel() == x.shape[0] else x.index_copy_(0, rows, fn(x.index_select(0, rows)))
 
 
 # --- 2. local pixel shuffling ----------------------------------------------------------------------------------
@@ -185,62 +196,82 @@ def _draw_shuffle_blocks(n: int, spatial: tuple[int, int, int], count: int, gene
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Sides (n, count, 3) in [1, max(1, dim // 10)] and corners (n, count, 3) in [0, dim - side], inclusive."""
     dims = torch.tensor(spatial, device=device)
-    sides = _randint(1, (dims // 10).clamp(min=1), (n, count, 3), generator, device)
-    return sides, _randint(0, dims - sides, (n, count, 3), generator, device)
+    u = torch.rand((n, count, 6), generator=generator, device=device)  # as _randint, fewer passes: a hot spot
+    sides = u[..., :3].mul((dims // 10).clamp(min=1)).long().add_(1).clamp_(max=(dims // 10).clamp(min=1))
+    return sides, u[..., 3:].mul(dims - sides + 1).long().clamp_(max=dims - sides)
 
 
 @functools.lru_cache(maxsize=8)
-def _shape_offsets(spatial: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block shape code ``((sx - 1) * my + sy - 1) * mz + sz - 1``: the volume (C,) and the in-block voxel
-    offset (C, W) of each row-major in-block index (0 past the volume), W the largest volume."""
+def _shape_classes(spatial: tuple[int, int, int], device: torch.device):
+    """Class (C,) and row in its class (C,) of block shape codes ``((sx - 1) * my + sy - 1) * mz + sz - 1``, and
+    per class (volumes in [2**k, 2**(k+1))) the volumes (C_k,) and row-major in-block offsets (C_k, largest volume)."""
     max_sides = [max(1, d // 10) for d in spatial]
     grids = torch.meshgrid(*[torch.arange(1, m + 1, device=device) for m in max_sides], indexing="ij")
     sx, sy, sz = (g.reshape(-1, 1) for g in grids)
     volume = (sx * sy * sz).view(-1)
     local = torch.arange(int(volume.max()), device=device)
     offsets = (local // (sy * sz)) * (spatial[1] * spatial[2]) + (local // sz % sy) * spatial[2] + local % sz
-    return volume, torch.where(local < volume.view(-1, 1), offsets, 0)
+    offsets = torch.where(local < volume.view(-1, 1), offsets, 0)
+    klass = volume.log2().floor_().long()
+    row, classes = torch.zeros_like(klass), []
+    for k in klass.unique().tolist():
+        codes = torch.nonzero(klass == k).view(-1)
+        row[codes] = torch.arange(codes.numel(), device=device)
+        width = int(volume[codes].max())
+        classes.append((volume[codes], offsets[codes, :width].contiguous()))
+    return torch.unique(klass, return_inverse=True)[1], row, classes
 
 
-def _permutation_bank(volume: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
-    """(C, count, max volume): row [c, k] starts with a uniform random permutation of range(volume[c]).
+def _permutation_bank(volume: torch.Tensor, count: int, width: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(C, count, width): row [c, k] starts with a uniform random permutation of range(volume[c]).
 
-    Codes of equal volume share their rows; the entries past a row's volume are never read."""
-    width = int(volume.max())
+    Codes of equal volume share their rows; the entries past a row's volume are >= the volume."""
     distinct, inverse = volume.unique(return_inverse=True)
-    keys = torch.rand((distinct.numel(), count, width), generator=generator, device=volume.device,
-                      dtype=torch.float64)
+    keys = torch.rand((distinct.numel(), count, width), generator=generator, device=volume.device, dtype=torch.float64)
     keys.masked_fill_(torch.arange(width, device=volume.device) >= distinct.view(-1, 1, 1), 2.0)
     return keys.argsort(-1).index_select(0, inverse)
 
 
+def _shuffle_tables(spatial: tuple[int, int, int], generator: torch.Generator | None, device: torch.device):
+    """Per class, the codes' voxel offsets (C_k, w) and the offsets of the voxels they read under every bank
+    permutation (C_k * SHUFFLE_BANK, w); past a code's volume both repeat index 0 (harmless repeated writes)."""
+    klass, row, classes = _shape_classes(spatial, device)
+    tables = []
+    for volume, offsets in classes:
+        bank = _permutation_bank(volume, SHUFFLE_BANK, offsets.shape[1], generator)
+        sources = offsets.gather(1, bank.flatten(1)).view_as(bank)
+        past = torch.arange(offsets.shape[1], device=device) >= volume.view(-1, 1, 1)
+        tables.append((offsets, torch.where(past, sources[..., :1], sources).flatten(0, 1)))
+    return klass, row, tables
+
+
 def _shuffle_chunk(x: torch.Tensor, sides: torch.Tensor, corners: torch.Tensor, pick: torch.Tensor,
-                   volume: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
-    """Shuffle the drawn blocks of the cubes ``x`` (s, 1, X, Y, Z), s * X * Y * Z < 2**31."""
-    s, device, (nx, ny, nz) = x.shape[0], x.device, x.shape[2:]
-    voxels, (my, mz) = x[0].numel(), (max(1, ny // 10), max(1, nz // 10))
-    width = moves.numel() // (volume.numel() * SHUFFLE_BANK)
+                   tables, out: torch.Tensor) -> None:
+    """Shuffle the drawn blocks of the cubes ``x`` (s, 1, X, Y, Z) into ``out``, s * X * Y * Z < 2**32."""
+    klass, row, per_class = tables
+    s, device, (ny, nz), voxels = x.shape[0], x.device, x.shape[3:], x[0].numel()
+    my, mz = max(1, ny // 10), max(1, nz // 10)
     code = (((sides[..., 0] - 1) * my + sides[..., 1] - 1) * mz + sides[..., 2] - 1).view(-1)
-    size = volume.index_select(0, code)
-    rows = torch.arange(s, device=device).view(-1, 1)
-    corner = (rows * voxels + corners[..., 0] * (ny * nz) + corners[..., 1] * nz + corners[..., 2]).view(-1)
-    ends = size.cumsum(0)
-    total = int(ends[-1])
-    # Slots number the voxels of all blocks, block after block in drawing order. Slot p = start_b + l of block b
-    # (in-block index l) reads moves[code_b, pick_b, l] = (offset of voxel l) * 2**32 + (offset of its source).
-    block = torch.repeat_interleave(torch.arange(code.numel(), device=device, dtype=torch.int32), size,
-                                    output_size=total)
-    row = ((code * SHUFFLE_BANK + pick.view(-1)) * width - ends + size).to(torch.int32)
-    move = moves.index_select(0, row.index_select(0, block).add_(torch.arange(total, device=device,
-                                                                             dtype=torch.int32)))
-    move.add_(corner.mul_((1 << 32) + 1).index_select(0, block))
-    dest = move >> 32
-    # key = block * 2**32 + source voxel: the largest key writing a voxel is the last block's. Unwritten voxels
-    # keep -2**62 + their own index, whose low 32 bits are that index: they read themselves.
-    key = move.bitwise_and_(0xFFFFFFFF).add_(block, alpha=1 << 32)
+    base = torch.arange(s, device=device).view(-1, 1) * voxels
+    corner = (base + corners[..., 0] * (ny * nz) + corners[..., 1] * nz + corners[..., 2]).view(-1)
+    # key = block * 2**32 + source voxel: the largest key at a voxel is the last block's. Unwritten voxels keep
+    # -2**62 + their own index, whose low 32 bits are that index: they read themselves.
+    keyed = torch.arange(code.numel(), device=device).mul_(1 << 32).add_(corner)
+    group = klass.index_select(0, code)
+    order = group.argsort()
+    counts = torch.bincount(group, minlength=len(per_class)).tolist()
+    code_row = row.index_select(0, code.index_select(0, order))
+    corner, keyed = corner.index_select(0, order), keyed.index_select(0, order)
+    source_row = pick.reshape(-1).index_select(0, order).add_(code_row * SHUFFLE_BANK)
     winner = torch.arange(s * voxels, device=device).sub_(1 << 62)
-    winner.scatter_reduce_(0, dest, key, reduce="amax")
-    return x.reshape(-1).index_select(0, winner.bitwise_and_(0xFFFFFFFF)).view_as(x)
+    lo = 0
+    for (offsets, sources), count in zip(per_class, counts):
+        part = slice(lo, lo + count)
+        dest = offsets.index_select(0, code_row[part]).add_(corner[part, None])
+        key = sources.index_select(0, source_row[part]).add_(keyed[part, None])
+        winner.scatter_reduce_(0, dest.view(-1), key.view(-1), reduce="amax")
+        lo += count
+    torch.index_select(x.reshape(-1), 0, winner.bitwise_and_(0xFFFFFFFF), out=out.view(-1))
 
 
 def _local_shuffle(x: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -248,15 +279,12 @@ def _local_shuffle(x: torch.Tensor, count: int, generator: torch.Generator | Non
     s, device, spatial = x.shape[0], x.device, tuple(x.shape[2:])
     sides, corners = _draw_shuffle_blocks(s, spatial, count, generator, device)
     pick = torch.randint(0, SHUFFLE_BANK, (s, count), generator=generator, device=device)
-    volume, offsets = _shape_offsets(spatial, device)
-    bank = _permutation_bank(volume, SHUFFLE_BANK, generator)  # (C, K, W)
-    moves = offsets.gather(1, bank.flatten(1)).view_as(bank).add_(offsets.unsqueeze(1) << 32).view(-1)
-    chunk = CPU_SHUFFLE_CHUNK if device.type == "cpu" else max(1, (2**31 - 1) // x[0].numel())
-    x = x.contiguous()
-    out = torch.empty_like(x)
+    tables = _shuffle_tables(spatial, generator, device)
+    chunk = CPU_SHUFFLE_CHUNK if device.type == "cpu" else max(1, (2**32 - 1) // x[0].numel())
+    x, out = x.contiguous(), torch.empty_like(x, memory_format=torch.contiguous_format)
     for lo in range(0, s, chunk):
         part = slice(lo, lo + chunk)
-        out[part] = _shuffle_chunk(x[part], sides[part], corners[part], pick[part], volume, moves)
+        _shuffle_chunk(x[part], sides[part], corners[part], pick[part], tables, out[part])
     return out
 
 
@@ -274,26 +302,32 @@ def _bezier_lut(controls: torch.Tensor, inverted: torch.Tensor, dtype: torch.dty
     n, device = controls.shape[0], controls.device
     s = torch.linspace(0.0, 1.0, CURVE_SAMPLES, device=device, dtype=torch.float64)
     b1, b2, b3 = 3 * s * (1 - s) ** 2, 3 * s**2 * (1 - s), s**3
-    # Both coordinates are monotone in s for controls in [0, 1]; the sort only removes rounding wiggles.
-    xs = (controls[:, 0:1] * b1 + controls[:, 2:3] * b2 + b3).sort(1).values
-    ys = (controls[:, 1:2] * b1 + controls[:, 3:4] * b2 + b3).sort(1).values
+    # Both coordinates are monotone in s for controls in [0, 1]; cummax only removes rounding wiggles.
+    xs = (controls[:, 0:1] * b1 + controls[:, 2:3] * b2 + b3).cummax(1).values
+    ys = (controls[:, 1:2] * b1 + controls[:, 3:4] * b2 + b3).cummax(1).values
     ys = torch.where(inverted.view(-1, 1), ys.flip(1), ys)
-    grid = torch.linspace(0.0, 1.0, LUT_SIZE, device=device, dtype=torch.float64).expand(n, -1).contiguous()
-    upper = torch.searchsorted(xs, grid, right=True).clamp(1, CURVE_SAMPLES - 1)
-    x0, x1 = xs.gather(1, upper - 1), xs.gather(1, upper)
-    y0, y1 = ys.gather(1, upper - 1), ys.gather(1, upper)
-    weight = ((grid - x0) / (x1 - x0).clamp(min=1e-300)).clamp(0, 1)
-    lut = torch.lerp(y0, y1, weight)
+    slope = ys.diff(dim=1).div_(xs.diff(dim=1).clamp_(min=1e-300))
+    intercept = ys[:, :-1] - slope * xs[:, :-1]
+    # Polyline segment i: y = intercept_i + slope_i * x. Grid point j lies in segment #{i: xs_i <= j / (LUT_SIZE - 1)}
+    # - 1 (a searchsorted of the grid), counted from the first grid point at or after every sample.
+    first = (xs * (LUT_SIZE - 1)).ceil_().long().clamp_(0, LUT_SIZE)
+    counts = torch.zeros((n, LUT_SIZE + 1), device=device, dtype=torch.long)
+    counts.scatter_add_(1, first, torch.ones_like(first))
+    segment = counts[:, :LUT_SIZE].cumsum(1).sub_(1).clamp_(0, CURVE_SAMPLES - 2)
+    grid = torch.linspace(0.0, 1.0, LUT_SIZE, device=device, dtype=torch.float64)
+    lut = torch.addcmul(intercept.gather(1, segment), slope.gather(1, segment), grid).clamp_(0, 1)
     lut[:, 0], lut[:, -1] = ys[:, 0], ys[:, -1]  # map(0) and map(1) exact: 0 and 1, or 1 and 0 when inverted
-    return lut.clamp(0, 1).to(dtype)
+    sign = 1 - 2 * inverted.to(lut.dtype).view(-1, 1)  # monotone up to rounding; make it exactly monotone
+    return lut.mul_(sign).cummax(1).values.mul_(sign).to(dtype)
 
 
-def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(x.shape[0], -1)
-    pos = flat * (LUT_SIZE - 1)
-    low = pos.long().clamp(0, LUT_SIZE - 2)
-    out = torch.lerp(lut.gather(1, low), lut.gather(1, low + 1), pos - low)
-    return out.clamp_(0, 1).view_as(x)
+def _apply_lut(x: torch.Tensor, lut: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """The nearest table entry per voxel, one int32 index_select (the table is fine enough to skip a lerp)."""
+    n, size = lut.shape
+    index = x.reshape(n, -1).mul(size - 1).add_(0.5).to(torch.int32)
+    index.add_(torch.arange(0, n * size, size, device=x.device, dtype=torch.int32).view(-1, 1))
+    out = x.view(-1) if inplace and x.dtype == lut.dtype and x.is_contiguous() else None
+    return torch.index_select(lut.reshape(-1), 0, index.view(-1), out=out).view_as(x)
 
 
 # --- 4. painting -----------------------------------------------------------------------------------------------
@@ -320,20 +354,27 @@ def _draw_boxes(n: int, spatial: tuple[int, int, int], kind: str, cfg: GenesisRa
     return sides, _randint(3, dims - sides - 3, (n, count, 3), generator, device), active
 
 
-def _box_union(sides: torch.Tensor, corners: torch.Tensor, active: torch.Tensor,
-               spatial: tuple[int, int, int]) -> torch.Tensor:
-    """(n, 1, X, Y, Z) bool: voxels inside any active box.
-
-    The box count at a voxel is sum_k inx[k, x] * iny[k, y] * inz[k, z]: one batched matrix product."""
+def _box_codes(sides: torch.Tensor, corners: torch.Tensor, active: torch.Tensor,
+               spatial: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bit k of ``plane`` (n, X, Y) and of ``depth`` (n, Z) (int64) is set where active box k covers (x, y), z."""
     inside = []
     for axis, size in enumerate(spatial):
         coord = torch.arange(size, device=sides.device)
         start, stop = corners[..., axis, None], corners[..., axis, None] + sides[..., axis, None]
-        inside.append(((coord >= start) & (coord < stop)).float())  # (n, K, size)
-    n, count = sides.shape[:2]
-    plane = (inside[0] * active[..., None])[..., :, None] * inside[1][..., None, :]  # (n, K, X, Y)
-    hits = torch.bmm(plane.reshape(n, count, -1).transpose(1, 2), inside[2])  # (n, X*Y, Z), exact small integers
-    return (hits > 0.5).view(n, 1, *spatial)
+        inside.append((coord >= start) & (coord < stop))  # (n, K, size)
+    bits = torch.ones_like(active, dtype=torch.long) << torch.arange(active.shape[1], device=active.device)
+    bits = bits * active  # distinct bits: their (wrapping) sum is their bitwise or
+    plane = ((inside[0][..., :, None] & inside[1][..., None, :]) * bits[..., None, None]).sum(1)
+    return plane, (inside[2] * bits[..., None]).sum(1)
+
+
+def _code_mask(plane: torch.Tensor, depth: torch.Tensor, count: int, invert: torch.Tensor | None) -> torch.Tensor:
+    """(n, 1, X, Y, Z) bool: inside any box (``count`` bits at most), outside all of them where ``invert``."""
+    dtype = next(d for d, b in ((torch.uint8, 8), (torch.int16, 16), (torch.int32, 32), (torch.long, 64)) if b >= count)
+    hits = plane.to(dtype)[..., None] & depth.to(dtype)[:, None, None, :]  # (n, X, Y, Z), one byte each by default
+    if invert is None or not bool(invert.any()):
+        return hits.ne(0).unsqueeze(1)
+    return (hits.eq(0) if bool(invert.all()) else hits.ne(0).logical_xor_(invert.view(-1, 1, 1, 1))).unsqueeze(1)
 
 
 # --- public API ------------------------------------------------------------------------------------------------
@@ -356,7 +397,7 @@ def corrupt(batch: torch.Tensor, generator: torch.Generator | None = None,
 
     rows = torch.nonzero(torch.rand(n, generator=generator, device=device) < cfg.local_rate).view(-1)
     if cfg.local_blocks > 0 and rows.numel() > 0:
-        inputs[rows] = _local_shuffle(inputs[rows], cfg.local_blocks, generator)
+        inputs = _on_rows(inputs, rows, lambda part: _local_shuffle(part, cfg.local_blocks, generator))
 
     chosen = torch.rand(n, generator=generator, device=device) < cfg.nonlinear_rate
     controls, u_invert = _draw_curves(n, generator, device)
@@ -364,22 +405,21 @@ def corrupt(batch: torch.Tensor, generator: torch.Generator | None = None,
     if rows.numel() > 0:
         work = torch.promote_types(batch.dtype, torch.float32)
         lut = _bezier_lut(controls[rows], u_invert[rows] < cfg.inverse_rate, work)
-        inputs[rows] = _apply_lut(inputs[rows].to(work), lut).to(batch.dtype)
+        inputs = _on_rows(inputs, rows, lambda part: _apply_lut(part.to(work), lut, inplace=True).to(batch.dtype))
 
     paint = torch.rand(n, generator=generator, device=device) < cfg.paint_rate
     inpaint = paint & (torch.rand(n, generator=generator, device=device) < cfg.inpaint_rate)
-    noise_mask = torch.zeros_like(inputs, dtype=torch.bool)
-    if bool(inpaint.any()):
-        noise_mask |= _box_union(*_draw_boxes(n, spatial, "inpaint", cfg, generator, device), spatial) \
-            & inpaint.view(-1, 1, 1, 1, 1)
     outpaint = paint & ~inpaint
-    if bool(outpaint.any()):
-        noise_mask |= ~_box_union(*_draw_boxes(n, spatial, "outpaint", cfg, generator, device), spatial) \
-            & outpaint.view(-1, 1, 1, 1, 1)
-    rows = torch.nonzero(paint).view(-1)
-    if rows.numel() > 0:
-        noise = torch.rand((rows.numel(), *inputs.shape[1:]), generator=generator, device=device, dtype=batch.dtype)
-        inputs[rows] = torch.where(noise_mask[rows], noise, inputs[rows])
+    codes, bits = [], 1  # per (x, y) column and per z: bit k set by box k of the sample's painting kind
+    for kind, chosen in (("inpaint", inpaint), ("outpaint", outpaint)):
+        if bool(chosen.any()):
+            sides, corners, active = _draw_boxes(n, spatial, kind, cfg, generator, device)
+            codes.append(_box_codes(sides, corners, active & chosen.view(-1, 1), spatial))
+            bits = max(bits, active.shape[1])
+    if codes:
+        mask = _code_mask(sum(c[0] for c in codes), sum(c[1] for c in codes), bits, outpaint)
+        noise = torch.rand(inputs.shape, generator=generator, device=device, dtype=batch.dtype)
+        torch.where(mask, noise, inputs, out=inputs)  # unpainted samples: no box, mask all False
     return inputs, targets
 
 

@@ -76,6 +76,22 @@ def _gpu(quick: bool) -> dict[str, Any]:
             "meets_target": t_corrupt / t_step < 0.05}
 
 
+def _print_section(name: str, r: dict[str, Any]) -> None:
+    if name == "genesis":
+        print(f"reference (published loop, 1 thread): {r['reference_cubes_per_s']:.1f} cubes/s "
+              f"({'x'.join(map(str, r['cube']))} cubes)")
+        print(f"{'batch':>6} {'1 thread':>12} {'ratio':>7} {'all threads':>12} {'ratio':>7}  (target {r['target_ratio']:.0f}x)")
+        for row in r["rows"]:
+            print(f"{row['batch']:>6} {row['corrupt_1thread_cubes_per_s']:>12.1f} {row['ratio_1thread']:>6.1f}x "
+                  f"{row['corrupt_all_threads_cubes_per_s']:>12.1f} {row['ratio_all_threads']:>6.1f}x")
+    else:
+        print(f"reference (scipy zoom + loops, 1 thread): {r['reference_pairs_per_s']:.2f} pairs/s")
+        for key, value in r["medtransfer_pairs_per_s"].items():
+            print(f"  {key:<16} {value:8.2f} pairs/s  {value / r['reference_pairs_per_s']:5.1f}x")
+        print(f"  ratio 1 thread {r['ratio_1thread']:.1f}x, all threads {r['ratio_all_threads']:.1f}x "
+              f"(target {r['target_ratio']:.0f}x)")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -91,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name in sections:
             print(f"== {name}", flush=True)
             results[name] = _section(name).run(quick=args.quick)
+            _print_section(name, results[name])
     if "gpu" in sections:
         if torch.cuda.is_available():
             results["gpu"] = _gpu(args.quick)

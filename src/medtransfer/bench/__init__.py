@@ -1,0 +1,1 @@
+"""Benchmark grid: run store, statistics and reports comparing initialisations across tasks and label fractions."""

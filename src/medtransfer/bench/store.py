@@ -1,0 +1,398 @@
+"""The benchmark results store: one SQLite file, one row per run of the grid.
+
+A benchmark grid (initialisations x tasks x label fractions x seeds) takes hours and is often killed, split across
+machines (``--shard i/n``) or partly failed. The store is what makes that safe:
+
+* every change is one SQLite transaction, so a killed process leaves each row either before or after the change,
+  never half-written (SQLite's rollback journal gives the atomic commit; no WAL, which leaves side files);
+* :meth:`ResultStore.todo` tells a restarted grid exactly which runs remain: a row left ``running`` by a killed
+  process is run again and its incomplete attempt replaced, a ``done`` row is never repeated;
+* :meth:`ResultStore.merge_from` folds a shard's store into another, preferring finished results;
+* :func:`shard_of` splits the run ids into disjoint parts whose union is the whole grid.
+
+Rows are plain dicts in the shared row format (``run_id, init, task, fraction, seed, status, metric_name,
+higher_is_better, metric, metrics, steps, duration, run_dir, error, attempts, shard, host, updated``) so that the
+statistics and report code need nothing from this module but :meth:`ResultStore.rows`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from medtransfer.errors import MedTransferError
+
+__all__ = ["StoreError", "ResultStore", "shard_of", "STATUSES"]
+
+STATUSES = ("pending", "running", "done", "failed")
+# Which row survives a merge: the higher rank wins (a finished result beats an error beats an unfinished attempt).
+_MERGE_RANK = {"pending": 0, "running": 1, "failed": 2, "done": 3}
+# The fields that name a grid cell; two rows with one run id must agree on them or the grids differ.
+_IDENTITY = ("init", "task", "fraction", "seed", "metric_name", "higher_is_better")
+_COLUMNS = (
+    "run_id", "init", "task", "fraction", "seed", "status", "metric_name", "higher_is_better", "metric", "metrics",
+    "steps", "duration", "run_dir", "error", "attempts", "shard", "host", "updated",
+)  # fmt: skip
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    init TEXT NOT NULL,
+    task TEXT NOT NULL,
+    fraction REAL NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    metric_name TEXT NOT NULL,
+    higher_is_better INTEGER NOT NULL,
+    metric REAL,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    steps INTEGER,
+    duration REAL,
+    run_dir TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    shard TEXT,
+    host TEXT,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreError(MedTransferError):
+    """A results store that cannot be used: unreadable, not a store, or at odds with the grid or another store."""
+
+
+class ResultStore:
+    """Run rows of one benchmark grid in the SQLite file ``path`` (created with its schema if absent).
+
+    Several ``ResultStore`` objects, in one process or several on one machine, may share a file: each write takes
+    the database lock for the length of one transaction and waits up to 30 s for another writer.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"results store {self.path} is a folder; pass the path of the store file, e.g. "
+                             f"{self.path / 'results.sqlite'}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: the module never opens transactions behind our back; _write() opens them explicitly.
+        self._conn: sqlite3.Connection | None = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StoreError(
+                f"results store {self.path} cannot be read as SQLite ({exc}); it is corrupt or not a results store. "
+                f"Move it aside (or delete it) to start a new store, or pass the right file"
+            ) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        conn = self._connection
+        check = conn.execute("PRAGMA quick_check").fetchone()
+        if check is None or check[0] != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {check[0] if check else 'no answer'}")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "runs" not in tables:
+            raise StoreError(f"{self.path} is an SQLite file of something else (tables {sorted(tables)}), not a "
+                             f"results store; pass a new path or the store written by `medtransfer benchmark`")
+        with self._write():
+            for statement in _SCHEMA.split(";"):  # not executescript: it would commit our open transaction
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_schema', ?)", (json.dumps(_SCHEMA_VERSION),))
+        columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(runs)"))
+        version = self.get_meta("store_schema")
+        if set(columns) != set(_COLUMNS) or version != _SCHEMA_VERSION:
+            raise StoreError(f"results store {self.path} has schema {version!r} with columns {columns}; this "
+                             f"medtransfer reads schema {_SCHEMA_VERSION}. Use the medtransfer version that wrote "
+                             f"it, or start a new store")
+
+    @property
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"results store {self.path} is closed; open a new ResultStore({str(self.path)!r})")
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One atomic transaction. IMMEDIATE takes the write lock up front: a deferred transaction that reads and
+        then writes can fail at once with 'database is locked' when another writer holds the lock (no busy wait)."""
+        conn = self._connection
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- meta -----------------------------------------------------------------------------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store ``value`` (anything JSON can hold) under ``key``, replacing the old value."""
+        try:
+            text = json.dumps(value, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"set_meta({key!r}): value must be JSON-serialisable (dict, list, str, finite number, "
+                             f"bool, None): {exc}") from exc
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, text))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        found = self._connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if found is None else json.loads(found[0])
+
+    def _all_meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self._connection.execute("SELECT key, value FROM meta")}
+
+    # -- rows -----------------------------------------------------------------------------------------------------
+    def ensure(self, cells: Iterable[dict]) -> int:
+        """Add a ``pending`` row (attempts 0) for each cell whose ``run_id`` is not stored yet; returns how many.
+
+        A cell needs ``run_id, init, task, fraction, seed, metric_name, higher_is_better``. Existing rows are left
+        as they are, so calling this at every (re)start of a grid is safe; a stored row whose cell differs
+        (another init, fraction, metric ...) means the store belongs to another grid and raises StoreError.
+        """
+        prepared = [_cell_values(cell) for cell in cells]
+        added = 0
+        now = time.time()
+        with self._write() as conn:
+            for values in prepared:
+                stored = self._row(values["run_id"])
+                if stored is not None:
+                    _check_same_cell(stored, values, self.path, "the grid you passed")
+                    continue
+                conn.execute(
+                    "INSERT INTO runs (run_id, init, task, fraction, seed, status, metric_name, higher_is_better, "
+                    "metrics, attempts, updated) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, '{}', 0, ?)",
+                    (values["run_id"], values["init"], values["task"], values["fraction"], values["seed"],
+                     values["metric_name"], int(values["higher_is_better"]), now),
+                )
+                added += 1
+        return added
+
+    def mark_running(self, run_id: str, *, shard: str | None = None, host: str | None = None) -> None:
+        """Start an attempt (attempts += 1). A row left ``running`` by a killed process may be started again; its
+        partial results are cleared so the new attempt replaces it. A ``done`` row is never re-run."""
+        with self._write() as conn:
+            self._require(run_id, ("pending", "running", "failed"), "mark_running")
+            conn.execute(
+                "UPDATE runs SET status = 'running', attempts = attempts + 1, shard = ?, host = ?, metric = NULL, "
+                "metrics = '{}', steps = NULL, duration = NULL, run_dir = NULL, error = NULL, updated = ? "
+                "WHERE run_id = ?",
+                (shard, host, time.time(), run_id),
+            )
+
+    def mark_done(self, run_id: str, *, metric: float, metrics: dict, steps: int | None, duration: float,
+                  run_dir: str) -> None:
+        """Finish the running attempt of ``run_id`` with its primary test ``metric`` and every test metric."""
+        metric = _finite(metric, "metric", run_id)
+        metrics_json = json.dumps({str(k): _finite(v, f"metrics[{k!r}]", run_id) for k, v in metrics.items()},
+                                  sort_keys=True)
+        with self._write() as conn:
+            self._require(run_id, ("running",), "mark_done")
+            conn.execute(
+                "UPDATE runs SET status = 'done', metric = ?, metrics = ?, steps = ?, duration = ?, run_dir = ?, "
+                "error = NULL, updated = ? WHERE run_id = ?",
+                (metric, metrics_json, None if steps is None else int(steps), float(duration), str(run_dir),
+                 time.time(), run_id),
+            )
+
+    def mark_failed(self, run_id: str, *, error: str, duration: float | None = None,
+                    run_dir: str | None = None) -> None:
+        """Record that the running attempt of ``run_id`` failed with ``error`` (retried only when asked)."""
+        with self._write() as conn:
+            self._require(run_id, ("running",), "mark_failed")
+            conn.execute(
+                "UPDATE runs SET status = 'failed', error = ?, duration = ?, run_dir = ?, metric = NULL, "
+                "metrics = '{}', updated = ? WHERE run_id = ?",
+                (str(error), None if duration is None else float(duration),
+                 None if run_dir is None else str(run_dir), time.time(), run_id),
+            )
+
+    def rows(self, *, status: str | Sequence[str] | None = None) -> list[dict]:
+        """Every row (or those with the given status or statuses), ordered by run id."""
+        query = "SELECT * FROM runs"
+        params: tuple[str, ...] = ()
+        if status is not None:
+            params = (status,) if isinstance(status, str) else tuple(status)
+            bad = [s for s in params if s not in STATUSES]
+            if bad:
+                raise ValueError(f"rows(status=...): unknown status {bad}; use one or more of {list(STATUSES)}")
+            query += f" WHERE status IN ({', '.join('?' * len(params))})"
+        cursor = self._connection.execute(query + " ORDER BY run_id", params)
+        return [_row_dict(cursor, r) for r in cursor.fetchall()]
+
+    def row(self, run_id: str) -> dict | None:
+        return self._row(run_id)
+
+    def _row(self, run_id: str) -> dict | None:
+        cursor = self._connection.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        found = cursor.fetchone()
+        return None if found is None else _row_dict(cursor, found)
+
+    def _require(self, run_id: str, allowed: tuple[str, ...], action: str) -> dict:
+        row = self._row(run_id)
+        if row is None:
+            raise StoreError(f"{action}({run_id!r}): no such run in {self.path}; add it with ensure() first")
+        if row["status"] not in allowed:
+            hint = "call mark_running first" if action != "mark_running" else "a done run is never repeated"
+            raise StoreError(f"{action}({run_id!r}): the run is {row['status']!r} (expected one of {list(allowed)}); "
+                             f"{hint}")
+        return row
+
+    def todo(self, run_ids: Iterable[str], *, retry_failed: bool = False) -> list[str]:
+        """Those of ``run_ids`` (order kept, duplicates dropped) still to run: pending, running (left by a killed
+        process), unknown to the store, and failed when ``retry_failed``. Done runs never come back."""
+        status = dict(self._connection.execute("SELECT run_id, status FROM runs").fetchall())
+        skip = {"done"} if retry_failed else {"done", "failed"}
+        out: list[str] = []
+        seen: set[str] = set()
+        for run_id in run_ids:
+            if run_id not in seen and status.get(run_id) not in skip:
+                out.append(run_id)
+            seen.add(run_id)
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Rows per status; every status is present, zero when none."""
+        found = dict(self._connection.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+        return {s: int(found.get(s, 0)) for s in STATUSES}
+
+    # -- merging shards -------------------------------------------------------------------------------------------
+    def merge_from(self, other: str | Path | ResultStore) -> dict[str, int]:
+        """Copy the rows of ``other`` (a shard's store) into this one, in one transaction.
+
+        A row this store lacks is added. Otherwise the better row stays: done beats failed beats running beats
+        pending; of two done rows the one here is kept (one run id is one run); of two rows with the same unfinished
+        status the one with more attempts wins (ties keep this store's). Meta keys this store lacks are copied;
+        both stores must agree on ``grid_hash`` if both have it. Returns ``{"added", "updated", "unchanged"}`` counts.
+        """
+        if isinstance(other, ResultStore):
+            return self._merge(other)
+        other_path = Path(other)
+        if not other_path.is_file():
+            raise StoreError(f"merge_from({str(other_path)!r}): no such store file; pass the results store a shard "
+                             f"wrote")
+        with ResultStore(other_path) as source:
+            return self._merge(source)
+
+    def _merge(self, source: ResultStore) -> dict[str, int]:
+        theirs_meta = source._all_meta()
+        incoming = source.rows()
+        result = {"added": 0, "updated": 0, "unchanged": 0}
+        with self._write() as conn:
+            ours_meta = self._all_meta()
+            if "grid_hash" in ours_meta and "grid_hash" in theirs_meta and \
+                    ours_meta["grid_hash"] != theirs_meta["grid_hash"]:
+                raise StoreError(
+                    f"cannot merge {source.path} into {self.path}: they come from different grids (grid_hash "
+                    f"{theirs_meta['grid_hash']!r} vs {ours_meta['grid_hash']!r}); merge only shards of one config")
+            for key, value in theirs_meta.items():
+                if key not in ours_meta:
+                    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            for row in incoming:
+                mine = self._row(row["run_id"])
+                if mine is not None:
+                    _check_same_cell(mine, row, self.path, str(source.path))
+                    if not _replaces(row, mine):
+                        result["unchanged"] += 1
+                        continue
+                result["added" if mine is None else "updated"] += 1
+                values = dict(row, higher_is_better=int(row["higher_is_better"]),
+                              metrics=json.dumps(row["metrics"], sort_keys=True))
+                conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) VALUES "
+                             f"({', '.join('?' * len(_COLUMNS))})", tuple(values[c] for c in _COLUMNS))
+        return result
+
+    # -- lifetime -------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ResultStore({str(self.path)!r})"
+
+
+def shard_of(run_ids: Sequence[str], shard: str) -> list[str]:
+    """The ``i``-th of ``n`` disjoint parts of ``run_ids`` for ``shard = "i/n"`` (1 <= i <= n).
+
+    Part i holds the ids at positions ``k`` of the sorted, de-duplicated list with ``k % n == i - 1``, so every
+    machine computes the same split from the same grid, the parts differ in size by at most one, and their union is
+    the whole list.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard) if isinstance(shard, str) else None
+    if match is None:
+        raise ValueError(f"shard {shard!r}: expected the form 'i/n' with 1 <= i <= n, e.g. '1/4'")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1 or not 1 <= index <= count:
+        raise ValueError(f"shard {shard!r}: expected the form 'i/n' with 1 <= i <= n, e.g. '1/{max(count, 1)}'")
+    return [run_id for k, run_id in enumerate(sorted(set(run_ids))) if k % count == index - 1]
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+def _cell_values(cell: dict) -> dict:
+    missing = [k for k in ("run_id", *_IDENTITY) if k not in cell]
+    if missing:
+        raise ValueError(f"ensure(): cell {cell!r} lacks {missing}; each cell needs run_id, "
+                         f"{', '.join(_IDENTITY)}")
+    fraction = float(cell["fraction"])
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"ensure(): cell {cell['run_id']!r} has fraction {cell['fraction']!r}; a label fraction "
+                         f"lies in (0, 1]")
+    seed = cell["seed"]
+    if isinstance(seed, bool) or int(seed) != seed:
+        raise ValueError(f"ensure(): cell {cell['run_id']!r} has seed {seed!r}; a seed is an integer")
+    return {"run_id": str(cell["run_id"]), "init": str(cell["init"]), "task": str(cell["task"]),
+            "fraction": fraction, "seed": int(seed), "metric_name": str(cell["metric_name"]),
+            "higher_is_better": bool(cell["higher_is_better"])}
+
+
+def _check_same_cell(stored: dict, other: dict, path: Path, source: str) -> None:
+    differ = {k: (stored[k], other[k]) for k in _IDENTITY if stored[k] != other[k]}
+    if differ:
+        raise StoreError(f"run {stored['run_id']!r} differs between {path} and {source} in {differ} (stored, "
+                         f"other): they are different grids; use a new store for a changed config")
+
+
+def _replaces(incoming: dict, existing: dict) -> bool:
+    rank_in, rank_ex = _MERGE_RANK[incoming["status"]], _MERGE_RANK[existing["status"]]
+    if rank_in != rank_ex:
+        return rank_in > rank_ex
+    # Attempts, not timestamps: clocks of different shard machines need not agree.
+    return incoming["status"] != "done" and incoming["attempts"] > existing["attempts"]
+
+
+def _finite(value: Any, name: str, run_id: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"mark_done({run_id!r}): {name} must be a number, got {value!r}") from exc
+    if not math.isfinite(number):
+        raise ValueError(f"mark_done({run_id!r}): {name} is {number}; a run without a finite result should be "
+                         f"recorded with mark_failed")
+    return number
+
+
+def _row_dict(cursor: sqlite3.Cursor, values: tuple) -> dict:
+    row = dict(zip((d[0] for d in cursor.description), values))
+    row["higher_is_better"] = bool(row["higher_is_better"])
+    row["metrics"] = json.loads(row["metrics"])
+    return {c: row[c] for c in _COLUMNS}

@@ -33,11 +33,13 @@ app.add_typer(data_app, name="data")
 
 def _register_training_commands() -> None:
     # finetune / evaluate / predict live with the training code; their options import nothing heavy.
+    from .bench.cli_bench import register as register_bench
     from .pretext.cli_pretrain import register as register_pretrain
     from .train.cli_train import register
 
     register_pretrain(app)
     register(app)
+    register_bench(app)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -90,6 +90,7 @@ class DataConfig(_Section):
     batch_size: int = Field(2, gt=0)
     label_fraction: float = Field(1.0, gt=0, le=1)  # share of labelled training cases kept (nested subsets)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # data/splits.py train_val_test default
+    test_fraction: float = Field(0.0, ge=0, lt=1)  # held out first, never trained or validated on (benchmarks)
     fold: Optional[int] = Field(None, ge=0)  # k-fold index; None: one hash-ordered train/val split
     workers: int = Field(0, ge=0)
     cache_dir: Optional[Path] = None  # preprocessed-volume cache; None: no cache

@@ -209,7 +209,7 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     targets = None
     if task == "classification":
         targets = {c.case_id: c.target for c in dataset.cases}
-    split = make_split([c.case_id for c in dataset.cases], val=cfg.data.val_fraction,
+    split = make_split([c.case_id for c in dataset.cases], val=cfg.data.val_fraction, test=cfg.data.test_fraction,
                        k=5 if cfg.data.fold is not None else None, fold=cfg.data.fold,
                        fraction=cfg.data.label_fraction, seed=seed, targets=targets)
     if main:

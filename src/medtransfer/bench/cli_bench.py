@@ -1,0 +1,87 @@
+"""``medtransfer benchmark | report | demo``: :func:`register` adds the commands to a Typer app."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from ..cli import _fail
+
+    @app.command()
+    def benchmark(
+        config: Path = typer.Argument(..., help="Benchmark YAML: model, inits, tasks, fractions, trials, finetune."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Grid folder (default: the config's out)."),
+        shard: Optional[str] = typer.Option(None, "--shard", help="Run part i of n ('i/n'), e.g. a SLURM array task."),
+        retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed cells again."),
+        overrides: list[str] = typer.Option([], "--set", help="key=value override, e.g. trials=5 (repeatable)."),
+        no_report: bool = typer.Option(False, "--no-report", help="Do not write report.md/html at the end."),
+    ) -> None:
+        """Run (or resume) a grid of initialisations x tasks x label fractions x trials; results go to
+        store.sqlite in the grid folder, one fine-tune + test evaluation per cell, then the report."""
+        from ..errors import MedTransferError
+        from .grid import load_benchmark_config, run_benchmark
+
+        try:
+            cfg = load_benchmark_config(config, overrides)
+            grid = run_benchmark(cfg, out=out, shard=shard, retry_failed=retry_failed,
+                                 progress=sys.stderr.isatty())
+            if not no_report and shard is None:
+                _report(grid, [], baseline=cfg.baseline)
+        except (MedTransferError, ValueError) as exc:
+            _fail(exc)
+
+    @app.command()
+    def report(
+        grid: Path = typer.Argument(..., help="A benchmark grid folder (holds store.sqlite)."),
+        merge: list[Path] = typer.Option([], "--merge", help="Shard stores to merge into the grid's store first."),
+        baseline: Optional[str] = typer.Option(None, "--baseline", help="Initialisation compared against."),
+    ) -> None:
+        """Rebuild report.md and report.html (table, p-values, charts, learning curves) from the store."""
+        from ..errors import MedTransferError
+
+        try:
+            _report(grid, merge, baseline=baseline)
+        except (MedTransferError, ValueError) as exc:
+            _fail(exc)
+
+    @app.command()
+    def demo(
+        quick: bool = typer.Option(False, "--quick", help="A one-minute smoke version (fewer steps and runs)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Folder (default runs/demo or runs/demo-quick)."),
+    ) -> None:
+        """The main job on the embedded phantoms: pretrain (Models Genesis, Volume Fusion, Med3D-style), benchmark
+        against scratch at two label fractions x three trials, print the table and write the report."""
+        from ..errors import MedTransferError
+        from .demo import run_demo
+
+        target = out or Path("runs/demo-quick" if quick else "runs/demo")
+        try:
+            run_demo(target, quick=quick, progress=sys.stderr.isatty(), echo=typer.echo)
+        except (MedTransferError, ValueError) as exc:
+            _fail(exc)
+
+
+def _report(grid: Path, merge: list[Path], *, baseline: Optional[str]) -> None:
+    from ..errors import MedTransferError
+    from .report import format_table, results_table, write_report
+    from .store import ResultStore
+
+    path = grid / "store.sqlite"
+    if not path.is_file() and not merge:
+        raise MedTransferError(f"{grid}: no store.sqlite here; run `medtransfer benchmark CONFIG --out {grid}` first")
+    with ResultStore(path) as store:
+        for other in merge:
+            counts = store.merge_from(other)
+            typer.echo(f"merged {other}: {counts}")
+        rows = store.rows()
+        cfg = store.get_meta("config") or {}
+    base = baseline or cfg.get("baseline", "scratch")
+    md, html = write_report(grid, rows, baseline=base, title=f"medtransfer {cfg.get('name', 'benchmark')}",
+                            meta={"config": cfg.get("name")})
+    typer.echo(format_table(results_table(rows, baseline=base)))
+    typer.echo(f"report: {md}\n        {html}")

@@ -20,7 +20,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/medtransfer zoo list
+	$(VENV)/bin/medtransfer demo
 
 bench: install
 	$(PY) benchmarks/zoo.py

@@ -28,8 +28,9 @@ def register(app: typer.Typer) -> None:
 
         try:
             cfg = load_benchmark_config(config, overrides)
-            grid = run_benchmark(cfg, out=out, shard=shard, retry_failed=retry_failed,
-                                 progress=sys.stderr.isatty())
+            tty = sys.stderr.isatty()
+            grid = run_benchmark(cfg, out=out, shard=shard, retry_failed=retry_failed, progress=tty,
+                                 echo=None if tty else typer.echo)
             if not no_report and shard is None:
                 _report(grid, [], baseline=cfg.baseline)
         except (MedTransferError, ValueError) as exc:

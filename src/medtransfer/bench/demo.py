@@ -91,7 +91,7 @@ def run_demo(out: Path = Path("runs/demo"), *, quick: bool = False, progress: bo
     n = len(cfg.inits) * len(cfg.fractions) * cfg.trials
     echo(f"pretraining {len(cfg.inits) - 1} initialisation(s) on the pool, then {n} fine-tunes "
          f"({len(cfg.inits)} inits x {len(cfg.fractions)} label fractions x {cfg.trials} trials)")
-    run_benchmark(cfg, progress=progress)
+    run_benchmark(cfg, progress=progress, echo=None if progress else echo)
     with ResultStore(out / "store.sqlite") as store:
         rows = store.rows()
     meta = {"command": f"medtransfer demo{' --quick' if quick else ''}", "machine": provenance.cpu_name(),

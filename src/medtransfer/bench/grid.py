@@ -223,8 +223,12 @@ def run_cell(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Union[bool,
 
 def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Path] = None, shard: Optional[str] = None,
                   retry_failed: bool = False, progress: bool = True,
-                  on_result: Optional[Callable[[dict[str, Any]], None]] = None, overrides=()) -> Path:
-    """Run (or resume) the grid; returns the grid folder. Failed cells are recorded and the grid goes on."""
+                  on_result: Optional[Callable[[dict[str, Any]], None]] = None, overrides=(),
+                  echo: Optional[Callable[[str], None]] = None) -> Path:
+    """Run (or resume) the grid; returns the grid folder. Failed cells are recorded and the grid goes on.
+
+    ``progress``: a live bar (for a terminal); ``echo``: called with one line per finished run and per pretraining
+    (for logs and pipes, where a bar cannot redraw)."""
     from ..weights.io import atomic_write
     from .store import ResultStore, StoreError, shard_of
 
@@ -250,7 +254,7 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
         by_id = {c["run_id"]: c for c in all_cells}
         inits = {i.name: i for i in cfg.inits}
         weights: dict[str, Union[bool, str]] = {}
-        bar = _Bar(progress, len(todo), len(mine) - len(todo))
+        bar = _Bar(progress, len(todo), len(mine) - len(todo), echo)
         try:
             for rid in todo:
                 cell = by_id[rid]
@@ -258,6 +262,8 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
                 t0 = time.perf_counter()
                 try:
                     if cell["init"] not in weights:
+                        if inits[cell["init"]].pretrain is not None and echo is not None:
+                            echo(f"pretraining {cell['init']} ({inits[cell['init']].pretrain.get('method')}) ...")
                         weights[cell["init"]] = _pretrained(cfg, inits[cell["init"]], grid_dir, progress)
                     result = run_cell(cfg, cell, weights[cell["init"]], grid_dir)
                 except (KeyboardInterrupt, SystemExit):
@@ -280,8 +286,9 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
 class _Bar:
     """A rich progress bar over the grid's runs, with the last result as its description."""
 
-    def __init__(self, enabled: bool, total: int, done_before: int) -> None:
-        self.progress = None
+    def __init__(self, enabled: bool, total: int, done_before: int,
+                 echo: Optional[Callable[[str], None]] = None) -> None:
+        self.progress, self.echo, self.total, self.count = None, echo, total, 0
         if enabled and total:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -291,8 +298,11 @@ class _Bar:
             self.task = self.progress.add_task(f"{done_before} done before", total=total)
 
     def advance(self, text: str) -> None:
+        self.count += 1
         if self.progress is not None:
             self.progress.update(self.task, advance=1, description=text)
+        elif self.echo is not None:
+            self.echo(f"[{self.count}/{self.total}] {text}")
         else:
             log.info(text)
 

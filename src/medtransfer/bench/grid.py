@@ -35,7 +35,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import MedTransferError
-from ..train.config import _deep_copy, _Section, _set_dotted, format_validation_error, parse_value, read_yaml
+from ..train.config import _Section, config_data, format_validation_error
 from ..train.recipes import merge
 
 log = logging.getLogger(__name__)
@@ -114,17 +114,7 @@ def load_benchmark_config(source: str | Path | dict | BenchmarkConfig, overrides
     """A YAML file or a mapping plus ``key=value`` overrides -> a validated config; errors name the field."""
     if isinstance(source, BenchmarkConfig) and not overrides:
         return source
-    if isinstance(source, BenchmarkConfig):
-        data = source.model_dump(mode="json")
-    elif isinstance(source, dict):
-        data = _deep_copy(source)
-    else:
-        data = read_yaml(source)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise MedTransferError(f"override {item!r}: expected key=value, e.g. trials=5")
-        _set_dotted(data, key.strip(), parse_value(text), BenchmarkConfig)
+    data = config_data(source, BenchmarkConfig, overrides)
     try:
         return BenchmarkConfig.model_validate(data)
     except ValidationError as exc:

@@ -21,13 +21,11 @@ from ..train.config import (
     ScheduleConfig,
     TrainConfig,
     _deep_copy,
+    config_data,
     _spatial,
     _Section,
-    _set_dotted,
     format_validation_error,
     known_preset,
-    parse_value,
-    read_yaml,
 )
 
 METHODS = ("genesis", "volf", "med3d", "vdt")
@@ -170,16 +168,5 @@ def load_pretrain_config(source: str | os.PathLike | Mapping[str, Any] | Pretrai
     """A YAML file, a dict or a config, plus ``key=value`` overrides -> a validated :class:`PretrainConfig`."""
     if isinstance(source, PretrainConfig) and not overrides:
         return source
-    if isinstance(source, PretrainConfig):
-        data = source.model_dump(mode="json")
-    elif isinstance(source, Mapping):
-        data = _deep_copy(source)
-    else:
-        data = read_yaml(source)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise MedTransferError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-4")
-        _set_dotted(data, key, parse_value(text), PretrainConfig)
+    data = config_data(source, PretrainConfig, overrides)
     return validate_pretrain(data)

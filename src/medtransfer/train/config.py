@@ -399,3 +399,21 @@ def apply_overrides(
 
 def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def config_data(source: Any, root: type[BaseModel], overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Plain values of a config given as a ``root`` instance, a mapping or a YAML file, with ``key=value``
+    overrides applied (keys checked against ``root``'s fields); validation is the caller's."""
+    if isinstance(source, root):
+        data = source.model_dump(mode="json")
+    elif isinstance(source, Mapping):
+        data = _deep_copy(source)
+    else:
+        data = read_yaml(source)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise MedTransferError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-4")
+        _set_dotted(data, key.strip(), parse_value(text), root)
+    return data
+

@@ -43,7 +43,8 @@ def register(app: typer.Typer) -> None:
     """Add ``pretrain`` to ``app``."""
     from ..cli import _fail
 
-    @app.command(help=f"Pretrain a zoo network on your own scans. Methods: {_METHODS_HELP}. Writes config.yaml, "
+    @app.command(short_help="Pretrain a zoo network on your own scans (genesis, volf, med3d, vdt).",
+                 help=f"Pretrain a zoo network on your own scans. Methods: {_METHODS_HELP}. Writes config.yaml, "
                       "env.json, data.json, metrics.jsonl, checkpoints/ and pretrained.safetensors (with its input "
                       "contract), which `finetune --pretrained FILE` and mt.create_model(NAME, pretrained=FILE) load.")
     def pretrain(

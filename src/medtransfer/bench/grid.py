@@ -239,7 +239,8 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
                              f"{grid_hash(cfg)}); use another --out, or delete the store to start over")
         store.set_meta("grid_hash", grid_hash(cfg))
         store.set_meta("config", cfg.model_dump(mode="json"))
-        store.ensure(c for c in all_cells if c["run_id"] in set(mine))
+        wanted = set(mine)
+        store.ensure(c for c in all_cells if c["run_id"] in wanted)
         todo = store.todo(mine, retry_failed=retry_failed)
         by_id = {c["run_id"]: c for c in all_cells}
         inits = {i.name: i for i in cfg.inits}

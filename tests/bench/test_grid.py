@@ -18,7 +18,7 @@ from medtransfer.errors import MedTransferError
 
 CONFIG = {
     "name": "tiny",
-    "inits": [{"name": "scratch"}, {"name": "weights_a", "weights": "a.safetensors"}, {"name": "other"}],
+    "inits": [{"name": "scratch"}, {"name": "weights_a", "weights": True}, {"name": "other"}],
     "tasks": [{"name": "seg", "task": "segmentation"}],
     "fractions": [0.5, 1.0],
     "trials": 3,
@@ -169,3 +169,12 @@ def test_cli_benchmark_reports_and_bad_config(tmp_path, fake_cells):
     assert bad.exit_code == 2 and "did you mean 'trials'" in bad.output
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no store.sqlite" in missing.output
+
+
+def test_missing_dataset_or_weights_fail_before_any_run(tmp_path, fake_cells):
+    bad = {**CONFIG, "tasks": [{"name": "seg", "data": str(tmp_path / "nope")}],
+           "inits": [{"name": "scratch"}, {"name": "w", "weights": str(tmp_path / "w.pth")}]}
+    with pytest.raises(MedTransferError) as err:
+        grid.run_benchmark(bad, out=tmp_path / "g", progress=False)
+    assert "task 'seg': dataset" in str(err.value) and "init 'w': weight file" in str(err.value)
+    assert fake_cells == [] and not (tmp_path / "g" / "store.sqlite").exists()

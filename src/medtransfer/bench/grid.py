@@ -211,6 +211,18 @@ def run_cell(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Union[bool,
             "run_dir": str(Path(run_dir).resolve())}
 
 
+def check_inputs(cfg: BenchmarkConfig) -> None:
+    """Fail before the first run when a task's dataset or an init's weight file does not exist (otherwise every
+    cell using it would fail, one after another)."""
+    problems = [f"task {t.name!r}: dataset {t.data} does not exist" for t in cfg.tasks
+                if t.data is not None and not Path(t.data).exists()]
+    problems += [f"init {i.name!r}: weight file {i.weights} does not exist" for i in cfg.inits
+                 if isinstance(i.weights, str) and i.weights.lower() not in ("true", "false")
+                 and not Path(i.weights).expanduser().exists()]
+    if problems:
+        raise MedTransferError("the grid cannot start:\n  " + "\n  ".join(problems) + "\nfix the paths in the config")
+
+
 def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Path] = None, shard: Optional[str] = None,
                   retry_failed: bool = False, progress: bool = True,
                   on_result: Optional[Callable[[dict[str, Any]], None]] = None, overrides=(),
@@ -223,6 +235,7 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
     from .store import ResultStore, StoreError, shard_of
 
     cfg = load_benchmark_config(cfg, overrides)
+    check_inputs(cfg)
     grid_dir = Path(out or cfg.out)
     grid_dir.mkdir(parents=True, exist_ok=True)
     all_cells = cells(cfg)

@@ -165,3 +165,32 @@ def test_encoder_frozen_for_first_steps_then_trains(tmp_path):
     fit(model, loader, val, run_dir=tmp_path / "b", **kwargs)
     assert not torch.equal(model.encoder[0].weight, enc)  # step 2 trains the encoder
     assert all(p.requires_grad for p in model.parameters())
+
+
+class _EpochLoader:
+    """A loader of its own making (like MultiDatasetLoader): the loop must call its set_epoch."""
+
+    def __init__(self, loader):
+        self.loader, self.epochs = loader, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def test_loader_set_epoch_and_a_fresh_run_drops_old_checkpoints(tmp_path):
+    model, loader, val, kwargs = make_run(2, max_epochs=3, lr=0.2)
+    wrapped = _EpochLoader(loader)
+    fit(model, wrapped, val, run_dir=tmp_path, **kwargs)
+    assert wrapped.epochs == [0, 1, 2]
+    assert (tmp_path / "checkpoints" / "best.pt").is_file()
+    # the same folder again without validation: the earlier run's best.pt must not survive as this run's
+    model, loader, _, kwargs = make_run(2, max_epochs=1, lr=0.2)
+    fit(model, loader, None, run_dir=tmp_path, **kwargs)
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1

@@ -99,6 +99,11 @@ def _len_or_none(obj: Any) -> Optional[int]:
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
+    """Tell the loader's epoch-seeded parts the epoch: a loader of its own making (``MultiDatasetLoader``) through
+    its ``set_epoch``, a DataLoader through its sampler and batch sampler."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+        return
     for attr in ("sampler", "batch_sampler"):
         sampler = getattr(loader, attr, None)
         if sampler is not None and hasattr(sampler, "set_epoch"):
@@ -257,8 +262,9 @@ def fit(
         best_step, bad_validations = int(resumed["best_step"]), int(resumed["bad_validations"])
     else:
         _seed_everything(cfg.seed + rank)
-        if main and (run_dir / "metrics.jsonl").exists():
-            (run_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+        if main:  # a fresh run starts a fresh log, and no checkpoint of an earlier run may pass for its own
+            for stale in (run_dir / "metrics.jsonl", ckpt_dir / "last.pt", ckpt_dir / "best.pt"):
+                stale.unlink(missing_ok=True)
 
     trainable = encoder_trainable_at(step, freeze)
     if freeze != 0:

@@ -102,10 +102,12 @@ def test_finetune_reads_the_contract_of_a_pretrained_file(phantoms, genesis_run)
 def test_genesis_resume_is_exact(phantoms, tmp_path):
     base = _config("genesis", [phantoms], tmp_path / "full", optim={"name": "sgd", "lr": 0.1},
                    train={"max_steps": 2, "val_every": 1, "deterministic": True})
+    base["data"]["batch_size"] = 1  # 3 batches per epoch: the interruption falls inside an epoch
     full = run_pretrain(base, progress=False)
     half = dict(base, out=str(tmp_path / "half"), train={**base["train"], "max_steps": 1})
     run_pretrain(half, progress=False)
     resumed = run_pretrain(dict(half, train={**base["train"]}), resume=True, progress=False)
+    assert torch.load(resumed / "checkpoints" / "last.pt", weights_only=False)["batches_done"] == 2
     a = torch.load(full / "checkpoints" / "last.pt", weights_only=False)["model"]
     b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -165,7 +167,8 @@ def test_vdt_on_2d_images(phantoms, tmp_path):
     model = mt.create_model("vdt_resnet18_3d", task="classification", pretrained=run / "pretrained.safetensors")
     assert model.load_report.coverage == 1.0
     assert model(torch.zeros(2, 1, 3, 32, 32)).shape == (2, 2)
-    assert model.pretrained_cfg.patch_size == (3, 32, 32)
+    assert model.pretrained_cfg.patch_size is None  # 2D images: no 3D patch size to impose on fine-tuning
+    assert "1 x 3 x 32 x 32" in model.pretrained_cfg.notes
 
 
 def test_wrong_data_for_a_method(phantoms, tmp_path):

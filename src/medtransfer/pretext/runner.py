@@ -140,7 +140,8 @@ def _loader(dataset, cfg: PretrainConfig, *, shuffle: bool = True, seed: int = 0
     from ..train.distributed import EpochShuffleSampler
     from ..train.torchdata import make_loader
 
-    lone = len(dataset) > cfg.data.batch_size and len(dataset) % cfg.data.batch_size == 1
+    # training only: a lone last sample breaks BatchNorm; validation keeps every case
+    lone = shuffle and len(dataset) > cfg.data.batch_size and len(dataset) % cfg.data.batch_size == 1
     sampler = EpochShuffleSampler(len(dataset), seed=seed) if shuffle else None
     return make_loader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, workers=cfg.data.workers,
                        drop_last=lone)
@@ -343,7 +344,7 @@ def _setup_vdt(cfg: PretrainConfig, out: Path, progress: bool) -> Setup:
     channels = int(opts.get("channels", 3))
     model = _model(cfg, task="classification", num_classes=classes, in_channels=1)
     data = {"path": str(path), "format": dataset.format, "cases": len(dataset.cases), "train": train, "val": val,
-            "classes": classes, "patch_size": [channels, *patch], "preset": None, "spacing": None,
+            "classes": classes, "input_size": [channels, *patch], "patch_size": None, "preset": None, "spacing": None,
             "options": {**opts, "label_smoothing": smoothing}}
     return Setup(model=model, train_loader=_loader(train_ds, cfg, seed=seed), val_loader=val_loader,
                  loss_fn=vdt_loss(smoothing), metrics=build_metrics("classification", num_classes=classes),
@@ -376,7 +377,7 @@ def _write_json(path: Path, data: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def pretrained_cfg_for(cfg: PretrainConfig, setup: Setup, steps: int, file_name: str):
+def pretrained_cfg_for(cfg: PretrainConfig, setup: Setup, steps: str, file_name: str):
     """The :class:`PretrainedCfg` an output file carries: where it came from and the input it expects."""
     from ..zoo.builder import split_name
     from ..zoo.pretrained import PretrainedCfg
@@ -392,9 +393,10 @@ def pretrained_cfg_for(cfg: PretrainConfig, setup: Setup, steps: int, file_name:
         num_classes=setup.num_classes if setup.task != "features" else None, modality="CT", in_channels=1,
         intensity=f"preset {preset}" if preset else "VDT: 0..255 pixels, shared mean 114.495 / std 57.63",
         spacing=tuple(spacing) if spacing else None, patch_size=tuple(patch) if patch else None,
-        pretraining=f"{cfg.method} ({METHOD_SUMMARY[cfg.method]}) on {where}, {steps} optimiser steps, "
-                    f"seed {cfg.train.seed}",
+        pretraining=f"{cfg.method} ({METHOD_SUMMARY[cfg.method]}) on {where}, {steps}, seed {cfg.train.seed}",
         preset=preset, citation=CITATIONS[cfg.method],
+        notes=f"trained on 1 x {' x '.join(map(str, data['input_size']))} volumes (2D images, channels as slices)"
+        if data.get("input_size") else "",
     )
 
 
@@ -407,8 +409,12 @@ def export_pretrained(cfg: PretrainConfig, setup: Setup, run_dir: Path, steps: i
     model = setup.model
     best = run_dir / "checkpoints" / "best.pt"
     if best.is_file():
-        model.load_state_dict(load_run_checkpoint(best)["model"])
-    pcfg = pretrained_cfg_for(cfg, setup, steps, "pretrained.safetensors")
+        saved = load_run_checkpoint(best)
+        model.load_state_dict(saved["model"])
+        trained = f"best validation loss at step {int(saved.get('step', steps))} of {steps} optimiser steps"
+    else:
+        trained = f"{steps} optimiser steps"
+    pcfg = pretrained_cfg_for(cfg, setup, trained, "pretrained.safetensors")
     arch = dict(getattr(model, "arch_kwargs", None) or getattr(getattr(model, "encoder", None), "arch_kwargs", {})
                 or {})
     meta = {"pretrained_cfg": pcfg.to_dict(), "arch_kwargs": arch, "in_channels": 1, "method": cfg.method,

@@ -37,7 +37,7 @@ def file_pretrained_cfg(path: str | os.PathLike) -> PretrainedCfg | None:
     from the header alone; None for any other file."""
     from ..weights.io import SAFETENSORS_META_KEY, _is_safetensors
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file() or not _is_safetensors(path):
         return None
     import json

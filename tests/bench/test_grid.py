@@ -151,10 +151,55 @@ def test_failed_runs_are_recorded_and_retried_on_request(tmp_path, fake_cells, m
     assert len(fake_cells) == 6 and all(v[0] == "done" for v in _done(out / "store.sqlite").values())
 
 
-def test_a_store_never_mixes_two_grids(tmp_path, fake_cells):
+def test_a_store_never_mixes_two_grids_but_trials_extend_one(tmp_path, fake_cells):
     grid.run_benchmark(CONFIG, out=tmp_path / "g", progress=False)
+    before = (tmp_path / "g" / "grid.yaml").read_text()
     with pytest.raises(StoreError, match="another grid config"):
-        grid.run_benchmark({**CONFIG, "trials": 4}, out=tmp_path / "g", progress=False)
+        grid.run_benchmark({**CONFIG, "test_fraction": 0.3}, out=tmp_path / "g", progress=False)
+    assert (tmp_path / "g" / "grid.yaml").read_text() == before  # a refused config leaves the folder as it was
+    fake_cells.clear()
+    grid.run_benchmark({**CONFIG, "trials": 4}, out=tmp_path / "g", progress=False)
+    assert sorted(fake_cells) == sorted(c["run_id"] for c in grid.cells(grid.load_benchmark_config(CONFIG | {"trials": 4}))
+                                        if c["seed"] == 3)
+
+
+def test_pretraining_inits_run_once_are_reused_and_redone_when_changed(tmp_path, fake_cells, monkeypatch):
+    import medtransfer.pretext.runner as runner
+
+    calls = []
+
+    def fake_pretrain(cfg, *, resume=False, progress=True, **kw):
+        calls.append((cfg.method, cfg.train.max_steps, resume))
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.train.max_steps == 13:
+            raise MedTransferError("pretraining data is broken")
+        (out / "pretrained.safetensors").write_bytes(b"weights")
+        return out
+
+    monkeypatch.setattr(runner, "run_pretrain", fake_pretrain)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    cfg = {**CONFIG, "inits": [{"name": "scratch"}, {"name": "gen", "pretrain": {
+        "method": "genesis", "data": {"paths": [str(pool)]}, "train": {"max_steps": 5}}}]}
+    out = grid.run_benchmark(cfg, out=tmp_path / "g", progress=False)
+    assert calls == [("genesis", 5, False)]  # once for the 6 cells of the init
+    assert (out / "pretrain" / "gen" / "pretrained.safetensors").is_file()
+    calls.clear()
+    grid.run_benchmark(cfg, out=tmp_path / "g2", progress=False)
+    changed = {**cfg, "inits": [cfg["inits"][0], {**cfg["inits"][1], "pretrain": {
+        **cfg["inits"][1]["pretrain"], "train": {"max_steps": 13}}}]}
+    (tmp_path / "g2" / "store.sqlite").unlink()
+    calls.clear()
+    grid.run_benchmark(changed, out=tmp_path / "g2", progress=False)
+    assert calls == [("genesis", 13, False)]  # not the stale product of max_steps 5; its failure is not retried 6x
+    assert not (tmp_path / "g2" / "pretrain" / "gen" / "pretrained.safetensors").exists()
+    with ResultStore(tmp_path / "g2" / "store.sqlite") as store:
+        failed = store.rows(status="failed")
+    assert len(failed) == 6 and all("pretraining data is broken" in r["error"] for r in failed)
+    bad = {**cfg, "inits": [cfg["inits"][0], {"name": "gen", "pretrain": {"method": "genesys"}}]}
+    with pytest.raises(MedTransferError, match="init 'gen': its pretrain config is invalid"):
+        grid.run_benchmark(bad, out=tmp_path / "g3", progress=False)
 
 
 def test_cli_benchmark_reports_and_bad_config(tmp_path, fake_cells):
@@ -167,6 +212,8 @@ def test_cli_benchmark_reports_and_bad_config(tmp_path, fake_cells):
     assert "weights_a" in result.output and (tmp_path / "cli" / "report.md").is_file()
     bad = CliRunner().invoke(app, ["benchmark", str(path), "--set", "trialz=2"])
     assert bad.exit_code == 2 and "did you mean 'trials'" in bad.output
+    wrong = CliRunner().invoke(app, ["report", str(tmp_path / "cli"), "--baseline", "nonsense"])
+    assert wrong.exit_code == 2 and "not an initialisation of this grid" in wrong.output
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no store.sqlite" in missing.output
 
@@ -178,3 +225,16 @@ def test_missing_dataset_or_weights_fail_before_any_run(tmp_path, fake_cells):
         grid.run_benchmark(bad, out=tmp_path / "g", progress=False)
     assert "task 'seg': dataset" in str(err.value) and "init 'w': weight file" in str(err.value)
     assert fake_cells == [] and not (tmp_path / "g" / "store.sqlite").exists()
+
+
+def test_cli_exits_1_when_runs_failed(tmp_path, fake_cells, monkeypatch):
+    import yaml
+
+    def fails(cfg, cell, *args, **kwargs):
+        raise ValueError("out of memory")
+
+    monkeypatch.setattr(grid, "run_cell", fails)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "trials": 1, "fractions": [1.0], "out": str(tmp_path / "g")}))
+    result = CliRunner().invoke(app, ["benchmark", str(path)])
+    assert result.exit_code == 1 and "3 run(s) failed" in result.output and "--retry-failed" in result.output

@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
                                  echo=None if tty else typer.echo)
             if not no_report and shard is None:
                 _report(grid, [], baseline=cfg.baseline)
+            _exit_on_failures(grid / (f"store-{shard.replace('/', 'of')}.sqlite" if shard else "store.sqlite"))
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
 
@@ -63,8 +64,21 @@ def register(app: typer.Typer) -> None:
         target = out or Path("runs/demo-quick" if quick else "runs/demo")
         try:
             run_demo(target, quick=quick, progress=sys.stderr.isatty(), echo=typer.echo)
+            _exit_on_failures(target / "store.sqlite")
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
+
+
+def _exit_on_failures(store_path: Path) -> None:
+    """Exit 1 (for CI and SLURM) when the store holds failed runs; say how to see and retry them."""
+    from .store import ResultStore
+
+    with ResultStore(store_path) as store:
+        failed = store.rows(status="failed")
+    if failed:
+        typer.echo(f"{len(failed)} run(s) failed, e.g. {failed[0]['run_id']}: {failed[0]['error'].splitlines()[-1]}\n"
+                   "their errors are in the report; run again with --retry-failed after fixing the cause", err=True)
+        raise typer.Exit(1)
 
 
 def _report(grid: Path, merge: list[Path], *, baseline: Optional[str]) -> None:
@@ -82,6 +96,9 @@ def _report(grid: Path, merge: list[Path], *, baseline: Optional[str]) -> None:
         rows = store.rows()
         cfg = store.get_meta("config") or {}
     base = baseline or cfg.get("baseline", "scratch")
+    inits = sorted({r["init"] for r in rows})
+    if rows and base not in inits:
+        raise MedTransferError(f"--baseline {base!r} is not an initialisation of this grid; choose one of {inits}")
     md, html = write_report(grid, rows, baseline=base, title=f"medtransfer {cfg.get('name', 'benchmark')}",
                             meta={"config": cfg.get("name")})
     typer.echo(format_table(results_table(rows, baseline=base)))

@@ -69,8 +69,8 @@ class TaskConfig(_Section):
     name: str
     data: Optional[Path] = None
     format: str = "auto"
-    task: Literal["segmentation", "classification"] = "segmentation"
-    metric: Optional[str] = None  # None: dice_mean (segmentation), accuracy / auc_mean (classification)
+    task: Literal["segmentation", "classification", "multilabel"] = "segmentation"
+    metric: Optional[str] = None  # None: dice_mean (segmentation), accuracy (classification), auc_mean (multilabel)
     higher_is_better: bool = True
     finetune: dict[str, Any] = Field(default_factory=dict)  # fine-tune values for this task
 
@@ -122,9 +122,12 @@ def load_benchmark_config(source: str | Path | dict | BenchmarkConfig, overrides
 
 
 def grid_hash(cfg: BenchmarkConfig) -> str:
-    """What identifies a grid: everything but where it is written."""
+    """What identifies a grid: everything that changes what a cell's run means. Not where it is written, and not
+    ``trials`` or ``fractions``: adding seeds or fractions extends the same grid (the store checks that every
+    existing cell keeps its fields)."""
     data = cfg.model_dump(mode="json")
-    data.pop("out", None)
+    for key in ("out", "trials", "fractions"):
+        data.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -151,21 +154,103 @@ def cells(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------------ running
 
 
-def _pretrained(cfg: BenchmarkConfig, init: InitConfig, grid_dir: Path, progress: bool) -> Union[bool, str]:
-    """The ``model.pretrained`` value of an init, pretraining it first when it is a pretraining init."""
-    if init.pretrain is None:
-        return init.weights if init.weights not in (None,) else False
-    from ..pretext.runner import run_pretrain
-
-    out = grid_dir / "pretrain" / init.name
-    product = out / "pretrained.safetensors"
-    if product.is_file():
-        return str(product)
+def pretrain_config(cfg: BenchmarkConfig, init: InitConfig, grid_dir: Path) -> dict[str, Any]:
+    """The ``medtransfer pretrain`` config of a pretraining init: its values plus the grid's network and folder."""
     net = init.model or cfg.model
-    data = merge(init.pretrain, {"model": {"name": net.name, "arch": dict(net.arch)}, "out": str(out)})
-    log.info("pretraining init %s (%s) into %s", init.name, data.get("method"), out)
-    run_pretrain(data, progress=progress)
+    return merge(init.pretrain or {}, {"model": {"name": net.name, "arch": dict(net.arch)},
+                                       "out": str(grid_dir / "pretrain" / init.name)})
+
+
+def _pretrained(cfg: BenchmarkConfig, init: InitConfig, grid_dir: Path, progress: bool,
+                echo: Optional[Callable[[str], None]] = None) -> Union[bool, str]:
+    """The ``model.pretrained`` value of an init, pretraining it first when it is a pretraining init.
+
+    A finished pretraining is reused only when its config is unchanged (``pretrain.json`` records its hash); an
+    interrupted one resumes from its ``last.pt``. Shards of one grid share ``pretrain/<init>/``: the first takes a
+    lock file and pretrains, the others wait for its product."""
+    if init.pretrain is None:
+        return init.weights if init.weights is not None else False
+    from ..pretext.config import load_pretrain_config
+    from ..pretext.runner import run_pretrain
+    from ..weights.io import atomic_write
+
+    data = pretrain_config(cfg, init, grid_dir)
+    resolved = load_pretrain_config(data)
+    key = hashlib.sha256(json.dumps(resolved.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    out = Path(data["out"])
+    product, marker, lock = out / "pretrained.safetensors", out / "pretrain.json", out / ".pretrain.lock"
+
+    def recorded() -> Optional[str]:
+        try:
+            return json.loads(marker.read_text()).get("hash")
+        except (OSError, ValueError):
+            return None
+
+    with _Lock(lock, wait_for=lambda: product.is_file() and recorded() == key):
+        if product.is_file() and recorded() == key:
+            return str(product)
+        resume = recorded() == key and (out / "checkpoints" / "last.pt").is_file()
+        if not resume and out.exists():
+            product.unlink(missing_ok=True)  # another config's product must never pass for this one
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(marker, lambda tmp: tmp.write_text(json.dumps({"hash": key, "done": False}) + "\n"))
+        if echo is not None:
+            echo(f"pretraining {init.name} ({resolved.method}){' (resuming)' if resume else ''} into {out}")
+        run_pretrain(resolved, progress=progress, resume=resume)
+        atomic_write(marker, lambda tmp: tmp.write_text(json.dumps({"hash": key, "done": True}) + "\n"))
     return str(product)
+
+
+class _Lock:
+    """An exclusive lock file (``O_EXCL``) naming its owner; another process waits until ``wait_for()`` holds or
+    the lock goes away. A lock left by a dead process on this host is taken over."""
+
+    def __init__(self, path: Path, wait_for: Callable[[], bool], poll: float = 5.0) -> None:
+        self.path, self.wait_for, self.poll, self.held = path, wait_for, poll, False
+
+    def __enter__(self) -> _Lock:
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self.wait_for():
+                    return self
+                if _owner_dead(self.path):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                time.sleep(self.poll)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return self
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+
+
+def _owner_dead(path: Path) -> bool:
+    """True when the lock's owner is a process of this host that no longer runs (or the lock is unreadable)."""
+    import os
+
+    try:
+        host, _, pid = path.read_text().partition(":")
+    except OSError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def finetune_config(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Union[bool, str],
@@ -176,7 +261,8 @@ def finetune_config(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Unio
     net = init.model or cfg.model
     data = merge(merge(cfg.finetune, task.finetune), init.finetune)
     return merge(data, {
-        "model": {"name": net.name, "task": task.task, "pretrained": pretrained, "arch": dict(net.arch)},
+        "model": {"name": net.name, "task": "segmentation" if task.task == "segmentation" else "classification",
+                  "pretrained": pretrained, "arch": dict(net.arch)},
         "data": {"path": str(task.data) if task.data else None, "format": task.format,
                  "label_fraction": cell["fraction"], "test_fraction": cfg.test_fraction},
         "train": {"seed": cell["seed"]},
@@ -219,8 +305,20 @@ def check_inputs(cfg: BenchmarkConfig) -> None:
     problems += [f"init {i.name!r}: weight file {i.weights} does not exist" for i in cfg.inits
                  if isinstance(i.weights, str) and i.weights.lower() not in ("true", "false")
                  and not Path(i.weights).expanduser().exists()]
+    from ..pretext.config import load_pretrain_config
+
+    for init in cfg.inits:
+        if init.pretrain is None:
+            continue
+        try:
+            resolved = load_pretrain_config(pretrain_config(cfg, init, Path("_")))
+        except MedTransferError as exc:
+            problems.append(f"init {init.name!r}: its pretrain config is invalid: {exc}")
+            continue
+        problems += [f"init {init.name!r}: pretraining data {p} does not exist" for p in resolved.data.paths
+                     if not Path(p).exists()]
     if problems:
-        raise MedTransferError("the grid cannot start:\n  " + "\n  ".join(problems) + "\nfix the paths in the config")
+        raise MedTransferError("the grid cannot start:\n  " + "\n  ".join(problems) + "\nfix the config")
 
 
 def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Path] = None, shard: Optional[str] = None,
@@ -242,14 +340,17 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
     ids = [c["run_id"] for c in all_cells]
     mine = shard_of(ids, shard) if shard else ids
     store_name = f"store-{shard.replace('/', 'of')}.sqlite" if shard else "store.sqlite"
-    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    atomic_write(grid_dir / "grid.yaml", lambda tmp: tmp.write_text(text))
-    host = socket.gethostname()
+    import os
+
+    host = f"{socket.gethostname()}:{os.getpid()}"
     with ResultStore(grid_dir / store_name) as store:
         known = store.get_meta("grid_hash")
         if known is not None and known != grid_hash(cfg):
             raise StoreError(f"{store.path} holds results of another grid config (hash {known}, this one "
-                             f"{grid_hash(cfg)}); use another --out, or delete the store to start over")
+                             f"{grid_hash(cfg)}); only trials and fractions may change between runs of one grid. "
+                             "Use another --out for the new config")
+        text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        atomic_write(grid_dir / "grid.yaml", lambda tmp: tmp.write_text(text))
         store.set_meta("grid_hash", grid_hash(cfg))
         store.set_meta("config", cfg.model_dump(mode="json"))
         wanted = set(mine)
@@ -258,18 +359,28 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
         by_id = {c["run_id"]: c for c in all_cells}
         inits = {i.name: i for i in cfg.inits}
         weights: dict[str, Union[bool, str]] = {}
+        broken: dict[str, str] = {}  # init -> why its pretraining failed (not retried within this invocation)
         bar = _Bar(progress, len(todo), len(mine) - len(todo), echo)
         try:
             for rid in todo:
                 cell = by_id[rid]
+                owner = _live_owner(store.row(rid))
+                if owner:
+                    bar.advance(f"{rid}: skipped, being run by process {owner}")
+                    continue
                 store.mark_running(rid, shard=shard, host=host)
                 t0 = time.perf_counter()
                 try:
-                    if cell["init"] not in weights:
-                        if inits[cell["init"]].pretrain is not None and echo is not None:
-                            echo(f"pretraining {cell['init']} ({inits[cell['init']].pretrain.get('method')}) ...")
-                        weights[cell["init"]] = _pretrained(cfg, inits[cell["init"]], grid_dir, progress)
-                    result = run_cell(cfg, cell, weights[cell["init"]], grid_dir)
+                    name = cell["init"]
+                    if name in broken:
+                        raise MedTransferError(f"the pretraining of init {name!r} failed: {broken[name]}")
+                    if name not in weights:
+                        try:
+                            weights[name] = _pretrained(cfg, inits[name], grid_dir, progress, echo)
+                        except Exception as exc:  # noqa: BLE001 - recorded on every cell of the init
+                            broken[name] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                            raise
+                    result = run_cell(cfg, cell, weights[name], grid_dir)
                 except (KeyboardInterrupt, SystemExit):
                     raise  # the row stays "running": the next run of the grid redoes it
                 except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the grid
@@ -285,6 +396,25 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
         finally:
             bar.close()
     return grid_dir
+
+
+def _live_owner(row: Optional[dict[str, Any]]) -> Optional[str]:
+    """``host:pid`` of a live process of this host that holds the row as running (two grid processes on one
+    folder must not run one cell twice); None when nobody does."""
+    import os
+
+    if not row or row.get("status") != "running" or not row.get("host"):
+        return None
+    host, _, pid = str(row["host"]).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return str(row["host"])
 
 
 class _Bar:

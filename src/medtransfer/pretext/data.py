@@ -104,24 +104,18 @@ class TwoViews(VolumePatches):
 def fixed_batches(dataset: Dataset, *, batch_size: int, count: int,
                   transform: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None,
                   seed: int = 0) -> list[dict[str, Any]]:
-    """Up to ``count`` batches of ``dataset`` in index order (cycling when it is short), passed once through
-    ``transform(image, label, generator=...)`` with a fixed generator: a validation set that never changes."""
+    """Up to ``count`` batches of ``dataset`` in index order, each sample at most once (the last batch may be
+    shorter), passed once through ``transform(image, label, generator=...)`` with a fixed generator: a validation
+    set that never changes."""
     from ..train.torchdata import collate
 
-    n = len(dataset)
-    if n == 0:
-        return []
     gen = torch.Generator().manual_seed(seed)
-    batches, index = [], 0
-    for _ in range(count):
-        items = [dataset[(index + i) % n] for i in range(min(batch_size, n))]
-        index += len(items)
-        batch = collate(items)
+    batches = []
+    for start in range(0, min(len(dataset), count * batch_size), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         if transform is not None:
             batch["image"], batch["label"] = transform(batch["image"], batch["label"], generator=gen)
         batches.append(batch)
-        if index >= n and count * batch_size > n and index >= max(n, batch_size):
-            break  # every sample used once: cycling would only repeat them
     return batches
 
 

@@ -21,7 +21,6 @@ loop applies on the device, then :func:`medtransfer.train.loop.fit` trains. The 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -81,16 +80,9 @@ def _phantoms(out: Path, with_2d: bool = False) -> Path:
 
 
 def _load_checked(path: Path, cfg: PretrainConfig, *, labelled: bool):
-    from ..data.check import check_dataset
-    from ..data.datasets import load_dataset
+    from ..train.finetune import checked_dataset
 
-    dataset = load_dataset(path, format=cfg.data.format, **cfg.data.options)
-    if not dataset.cases:
-        raise DataError(f"{path}: the dataset has no cases; nothing to pretrain on")
-    report = check_dataset(dataset, workers=1)
-    if report.errors:
-        lines = "\n".join(f"  {p}" for p in report.errors)
-        raise DataError(f"{path}: the dataset check found {len(report.errors)} error(s); nothing was trained:\n{lines}")
+    dataset = checked_dataset(path, cfg.data.format, cfg.data.options)
     if labelled and dataset.task == "segmentation" and any(c.label is None for c in dataset.cases):
         missing = [c.case_id for c in dataset.cases if c.label is None][:5]
         raise DataError(f"{path}: method {cfg.method} needs a label map for every case; none for {missing}")
@@ -370,13 +362,6 @@ SETUPS = {"genesis": _setup_genesis, "volf": _setup_volf, "med3d": _setup_med3d,
 # ------------------------------------------------------------------------------------------------------ run
 
 
-def _write_json(path: Path, data: Any) -> Path:
-    from ..weights.io import atomic_write
-
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 def pretrained_cfg_for(cfg: PretrainConfig, setup: Setup, steps: str, file_name: str):
     """The :class:`PretrainedCfg` an output file carries: where it came from and the input it expects."""
     from ..zoo.builder import split_name
@@ -431,6 +416,7 @@ def run_pretrain(cfg: PretrainConfig | str | Path | dict, *, resume: bool = Fals
     from .. import provenance
     from ..train import loop
     from ..train.config import dump_config as _dump
+    from ..train.finetune import _write_json
     from ..train.distributed import barrier, init_distributed
     from ..train.optim import build_optimizer, build_scheduler
 

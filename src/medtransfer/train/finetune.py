@@ -115,8 +115,6 @@ def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: str = "CT
 
 
 def _dataset(cfg: FinetuneConfig, out: Path):
-    from ..data.check import check_dataset
-    from ..data.datasets import load_dataset
     from ..data.phantoms import write_phantom_dataset
 
     path = cfg.data.path
@@ -126,12 +124,22 @@ def _dataset(cfg: FinetuneConfig, out: Path):
         if not (root / "dataset.json").is_file():
             write_phantom_dataset(root, p["n"], p["seed"], shape=p["shape"], spacing=p["spacing"], with_2d=False)
         path = root if cfg.model.task == "segmentation" else root / "classification.csv"
-    dataset = load_dataset(path, format=cfg.data.format, **cfg.data.options)
+    return checked_dataset(path, cfg.data.format, cfg.data.options), Path(path)
+
+
+def checked_dataset(path: str | Path, format: str = "auto", options: Optional[dict[str, Any]] = None):
+    """Parse the dataset at ``path`` and run the dataset check; any problem stops here, before training."""
+    from ..data.check import check_dataset
+    from ..data.datasets import load_dataset
+
+    dataset = load_dataset(path, format=format, **(options or {}))
+    if not dataset.cases:
+        raise DataError(f"{path}: the dataset has no cases; nothing was trained")
     report = check_dataset(dataset, workers=1)
     if report.errors:
         lines = "\n".join(f"  {p}" for p in report.errors)
         raise DataError(f"{path}: the dataset check found {len(report.errors)} error(s); nothing was trained:\n{lines}")
-    return dataset, Path(path)
+    return dataset
 
 
 def _num_classes(cfg: FinetuneConfig, dataset) -> tuple[int, bool]:

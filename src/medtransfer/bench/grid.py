@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import socket
 import time
 import traceback
@@ -209,8 +210,6 @@ class _Lock:
         self.path, self.wait_for, self.poll, self.held = path, wait_for, poll, False
 
     def __enter__(self) -> _Lock:
-        import os
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = f"{socket.gethostname()}:{os.getpid()}"
         while True:
@@ -234,23 +233,27 @@ class _Lock:
             self.path.unlink(missing_ok=True)
 
 
-def _owner_dead(path: Path) -> bool:
-    """True when the lock's owner is a process of this host that no longer runs (or the lock is unreadable)."""
-    import os
-
-    try:
-        host, _, pid = path.read_text().partition(":")
-    except OSError:
-        return False
-    if host != socket.gethostname():
-        return False
+def _alive_here(owner: str) -> Optional[bool]:
+    """For a ``host:pid`` owner: True if that process runs on this host, False if it is gone, None when it belongs to
+    another host (or cannot be read), where nothing can be told."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
     try:
         os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return True
-    except PermissionError:
+    except ProcessLookupError:
         return False
-    return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_dead(path: Path) -> bool:
+    """True when the lock's owner is a process of this host that no longer runs."""
+    try:
+        return _alive_here(path.read_text()) is False
+    except OSError:
+        return False
 
 
 def finetune_config(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Union[bool, str],
@@ -340,8 +343,6 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
     ids = [c["run_id"] for c in all_cells]
     mine = shard_of(ids, shard) if shard else ids
     store_name = f"store-{shard.replace('/', 'of')}.sqlite" if shard else "store.sqlite"
-    import os
-
     host = f"{socket.gethostname()}:{os.getpid()}"
     with ResultStore(grid_dir / store_name) as store:
         known = store.get_meta("grid_hash")
@@ -399,22 +400,14 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
 
 
 def _live_owner(row: Optional[dict[str, Any]]) -> Optional[str]:
-    """``host:pid`` of a live process of this host that holds the row as running (two grid processes on one
+    """``host:pid`` of another live process of this host that holds the row as running (two grid processes on one
     folder must not run one cell twice); None when nobody does."""
-    import os
-
     if not row or row.get("status") != "running" or not row.get("host"):
         return None
-    host, _, pid = str(row["host"]).rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+    owner = str(row["host"])
+    if owner.rpartition(":")[2] == str(os.getpid()) or not _alive_here(owner):
         return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return str(row["host"])
+    return owner
 
 
 class _Bar:

@@ -260,24 +260,50 @@ def data_inspect(
         raise typer.Exit(code=1)
 
 
+_LABEL_ROWS = 12  # label values listed by `data inspect` before "... and N more" (a 116-label atlas: 12 lines)
+
+
 def _print_data_report(report) -> None:
     summary = report.summary()
-    console.print(f"[bold]{report.dataset}[/] ({report.format}, {report.task}) at {report.root}", highlight=False)
+    console.print(f"[bold]{report.dataset}[/] ({report.format}, {report.task}) at {report.root}", highlight=False,
+                  soft_wrap=True)
     console.print(f"  cases        : {summary['cases']}")
+    if "spatial_dims" in summary:
+        mix = ", ".join(f"{n} {d}D" for d, n in summary["spatial_dims"].items())
+        console.print(f"  dimensions   : {mix} (shape and spacing below: the {summary['summarised_dims']}D cases)",
+                      highlight=False)
     if report.channel_names:
         console.print(f"  channels     : {', '.join(report.channel_names)}", highlight=False)
     for key in ("shape", "spacing"):
         if key in summary:
             s = summary[key]
-            console.print(f"  {key:12s} : min {s['min']}  median {s['median']}  max {s['max']}", highlight=False)
+            console.print(f"  {key:12s} : min {s['min']}  median {s['median']}  max {s['max']}", highlight=False,
+                          soft_wrap=True)
+    if "anisotropy" in summary:
+        a = summary["anisotropy"]
+        console.print(f"  anisotropy   : largest/smallest spacing median {a['median']:g}, max {a['max']:g}",
+                      highlight=False)
+    if "orientation" in summary:
+        codes = ", ".join(f"{code} {n}" for code, n in summary["orientation"].items())
+        oblique = summary["oblique_cases"]
+        console.print(f"  orientation  : {codes} (on disk; {oblique} oblique)" if oblique else
+                      f"  orientation  : {codes} (on disk)", highlight=False)
     if "intensity" in summary:
         i = summary["intensity"]
         console.print(f"  intensity    : {i['min']:.4g} .. {i['max']:.4g} (mean of case means {i['mean_of_case_means']:.4g})")
     if "label_voxels" in summary:
         names = report.labels
-        rows = [f"{v} {names.get(v, '?')}: {n} voxels in {summary['label_cases'].get(v, 0)} cases"
-                for v, n in summary["label_voxels"].items()]
-        console.print("  labels       : " + "; ".join(rows), highlight=False, soft_wrap=True)
+        values = list(summary["label_voxels"].items())
+        console.print(f"  labels       : {len(values)} values" + (f", {min(summary['label_voxels'])}.."
+                      f"{max(summary['label_voxels'])}" if len(values) > 1 else ""), highlight=False)
+        for v, n in values[:_LABEL_ROWS]:
+            name = f" {names[v]}" if v in names else ""
+            console.print(f"    {v}{name}: {n} voxels in {summary['label_cases'].get(v, 0)} cases", highlight=False)
+        if len(values) > _LABEL_ROWS:
+            console.print(f"    ... and {len(values) - _LABEL_ROWS} more (--json lists all)", highlight=False)
+    if "num_classes" in summary:
+        console.print(f"  classes      : {summary['num_classes']} (from the {summary['num_classes_from']}; finetune "
+                      "uses this unless model.num_classes is set)", highlight=False)
     if "class_balance" in summary:
         console.print(f"  classes      : {summary['class_balance']}", highlight=False)
     if not report.problems:

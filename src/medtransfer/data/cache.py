@@ -106,6 +106,22 @@ class PreparedCache:
         """``(image memmap, label memmap or None, meta)``; nothing is read until the arrays are indexed."""
         return self.case(case_id).load()
 
+    def label_max(self) -> int | None:
+        """The largest label value over the cached cases (None without labels), from the values the manifest
+        records; a case prepared before they were recorded has its label array read."""
+        top = None
+        for case_id in self.case_ids():
+            case = self.case(case_id)
+            if case.label is None:
+                continue
+            values = case.meta.get("label_values")
+            if values is None:
+                _, label, _ = case.load()
+                values = [int(label.max())] if label.size else []
+            if values:
+                top = max(values) if top is None else max(top, max(values))
+        return top
+
     # ------------------------------------------------------------------------------------------------ writing
     def prepare(
         self, dataset: Dataset, pipeline: Pipeline, *, workers: int | None = None, progress: bool = True
@@ -331,7 +347,16 @@ def _prepare_case(job: _Job) -> dict[str, Any]:
         "source_label": str(job.case.label) if job.case.label is not None else None,
         "target": _jsonable(job.case.target),
     }
+    if label is not None:
+        entry["meta"]["label_values"] = _label_values(np.asarray(label.array))
     return entry
+
+
+def _label_values(label: np.ndarray) -> list[int]:
+    """The distinct values of a label map; counting (linear time) for the usual small non-negative labels."""
+    if label.size and label.dtype.kind in "ui" and label.min() >= 0:
+        return np.flatnonzero(np.bincount(label.ravel())).tolist()
+    return np.unique(label).astype(int).tolist()
 
 
 def _stack_channels(images: list[Image], case_id: str) -> Image:

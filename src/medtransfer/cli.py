@@ -61,9 +61,9 @@ def _main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def _millions(n: int) -> str:
@@ -130,7 +130,7 @@ def zoo_inspect(
 ) -> None:
     """Detect a weight file's format, count its tensors, and show which models it fits and with what coverage.
 
-    The file is read without executing anything in it.
+    The file is read without executing anything in it. Exits 1 when it fits no registered model.
     """
     from .errors import MedTransferError
     from .zoo.tools import inspect_checkpoint
@@ -140,6 +140,7 @@ def zoo_inspect(
     except MedTransferError as exc:
         _fail(exc)
     fits = info.fits if show_all else [f for f in info.fits if f.ok]
+    fits_none = not any(f.ok for f in info.fits)  # exit 1 then, so scripts can tell
     if as_json:
         typer.echo(
             json.dumps(
@@ -165,6 +166,8 @@ def zoo_inspect(
                 default=str,
             )
         )
+        if fits_none:
+            raise typer.Exit(code=1)
         return
     from rich.table import Table
 
@@ -190,10 +193,12 @@ def zoo_inspect(
         verdict = "no" if not f.ok else ("yes" if f.coverage == 1.0 else "partial")
         used = f"{f.file_used:.1%}" if f.ok else "-"
         table.add_row(f.model, verdict, f"{f.coverage:.1%}", used, f.reason)
-    if not fits:
-        console.print("[yellow]  this file fits no registered model (use --all to see why)[/]")
-    else:
+    if fits:
         console.print(table)
+    if fits_none:
+        err_console.print(f"[bold red]error:[/] {info.path} fits no registered model"
+                          + ("" if show_all else " (--all shows why for each)"), highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
 
 
 @zoo_app.command("convert")
@@ -354,8 +359,9 @@ def data_cubes(
 ) -> None:
     """Extract Models Genesis training cubes: HU window [-1000, 1000] -> [0, 1], random windows inside the margins,
     windows with too much dense tissue rejected (the published rule, vectorised). Defaults are the published ones,
-    made for LUNA16 volumes (at least 96 slices, 265 voxels in-plane); smaller volumes need smaller margins/cubes."""
-    from .data.cubes import CubeConfig, extract_cubes_from_dataset
+    made for LUNA16 volumes (at least 96 slices, 265 voxels in-plane); smaller volumes need smaller margins/cubes.
+    Exits 1, writing nothing, when no volume gives a cube, saying why for each."""
+    from .data.cubes import CubeConfig, NoCubesError, extract_cubes_from_dataset
     from .errors import MedTransferError
 
     dataset = _load_dataset(path, fmt)
@@ -364,6 +370,8 @@ def data_cubes(
         config = CubeConfig(cube_depth=d, cube_height=h, cube_width=w, border_xy=border_xy, border_z=border_z,
                             scale=scale, lung_max=lung_max)
         paths = extract_cubes_from_dataset(dataset, out, config=config, seed=seed)
+    except NoCubesError as exc:  # the data gave nothing under these options: exit 1, like `data inspect`
+        _fail(exc, code=1)
     except (MedTransferError, ValueError) as exc:
         _fail(exc)
     for p in paths:

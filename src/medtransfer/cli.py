@@ -387,25 +387,39 @@ def data_prepare(
     fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
     workers: Optional[int] = typer.Option(None, help="Worker processes (default: all cores)."),
 ) -> None:
-    """Check, then preprocess every case once into a memory-mappable cache with a manifest."""
+    """Check, then preprocess every case once into a memory-mappable cache with a manifest.
+
+    A second run redoes only new or changed cases (by content hash); with nothing to redo it reads no image and
+    says so."""
     from .data.cache import PreparedCache
     from .data.check import check_dataset
     from .data.preprocess import build_pipeline
     from .errors import MedTransferError
 
     dataset = _load_dataset(path, fmt)
-    report = check_dataset(dataset, workers=workers, progress=sys.stderr.isatty())
-    if not report.ok:
-        _print_data_report(report)
-        err_console.print("[bold red]error:[/] fix the problems above before preparing", highlight=False)
-        raise typer.Exit(code=1)
     try:
         target = tuple(float(s) for s in spacing.split(",")) if spacing else None
         pipeline = build_pipeline(preset=preset, spacing=target)
-        cases = PreparedCache(out).prepare(dataset, pipeline, workers=workers)
+        cache = PreparedCache(out)
+        todo = cache.pending(dataset, pipeline, workers=workers)  # sizes, times and hashes only: no voxel read
     except (MedTransferError, ValueError) as exc:
         _fail(exc)
-    console.print(f"prepared {len(cases)} cases in [bold]{out}[/]")
+    if todo:  # the up-to-date cases were prepared from these very files; a check reads every case
+        report = check_dataset(dataset, workers=workers, progress=sys.stderr.isatty())
+        if not report.ok:
+            _print_data_report(report)
+            err_console.print("[bold red]error:[/] fix the problems above before preparing", highlight=False)
+            raise typer.Exit(code=1)
+    try:
+        cases = cache.prepare(dataset, pipeline, workers=workers)
+    except (MedTransferError, ValueError) as exc:
+        _fail(exc)
+    if not todo:
+        console.print(f"{len(cases)} cases up to date in [bold]{out}[/], nothing to redo", highlight=False,
+                      soft_wrap=True)
+    else:
+        console.print(f"prepared {cache.redone} cases in [bold]{out}[/] ({cache.reused} up to date)", highlight=False,
+                      soft_wrap=True)
 
 
 _register_training_commands()

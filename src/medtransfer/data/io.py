@@ -20,6 +20,7 @@ decompressing); and it turns NaN/Inf into 0, so floating-point NIfTI voxels are 
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import logging
 import os
@@ -69,7 +70,8 @@ class _ITKMessagesToLogging(sitk.LoggerBase):
 
 
 _ITK_LOGGER = _ITKMessagesToLogging()
-_ITK_LOGGER.SetAsGlobalITKLogger()
+# ITK's previous output window comes back at exit, so nothing calls into Python while the interpreter shuts down
+atexit.register(_ITK_LOGGER.SetAsGlobalITKLogger().SetAsGlobalITKLogger)
 
 READ_EXTENSIONS: dict[str, str] = {
     ".nii": "nifti", ".nii.gz": "nifti", ".mha": "metaimage", ".mhd": "metaimage", ".nrrd": "nrrd", ".nhdr": "nrrd",
@@ -659,13 +661,15 @@ def _write_nifti_with_codes(img: sitk.Image, tmp: Path, ext: str, codes: dict[st
         sitk.WriteImage(img, str(side), False)
         with open(side, "r+b") as f:
             head = f.read(_QFORM_CODE_OFFSET + 4)
-            order = "<" if int.from_bytes(head[:4], "little") == 348 else ">"
-            if int.from_bytes(head[:4], "little" if order == "<" else "big") != 348:
-                raise DataError(f"{tmp}: ITK wrote a header that is not NIfTI-1; cannot keep the sform/qform codes.")
-            old = np.frombuffer(head[_QFORM_CODE_OFFSET:], dtype=f"{order}i2")
-            new = np.array([codes.get("qform_code", old[0]), codes.get("sform_code", old[1])], dtype=f"{order}i2")
-            f.seek(_QFORM_CODE_OFFSET)
-            f.write(new.tobytes())
+            order = {348: "<", 348 << 24: ">"}.get(int.from_bytes(head[:4], "little"))
+            if order is None:  # NIfTI-2 (ITK's choice for very large images) keeps ITK's codes
+                logger.warning("%s: not written as NIfTI-1; its sform/qform codes are ITK's (1, 1), not %s",
+                               tmp, codes)
+            else:
+                old = np.frombuffer(head[_QFORM_CODE_OFFSET:], dtype=f"{order}i2")
+                new = np.array([codes.get("qform_code", old[0]), codes.get("sform_code", old[1])], f"{order}i2")
+                f.seek(_QFORM_CODE_OFFSET)
+                f.write(new.tobytes())
         if ext == ".nii.gz":  # always gzip: readers go by the extension
             with open(side, "rb") as src, open(tmp, "wb") as raw:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6 if compress else 1, mtime=0) as dst:

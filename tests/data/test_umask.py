@@ -53,3 +53,19 @@ def test_every_file_of_a_finetune_run_respects_the_umask(tmp_path, umask, mask, 
             "cache/manifest.json"} <= names
     assert any(n.startswith("cache/cases/") for n in names)
     assert {str(p.relative_to(run)): oct(_mode(p)) for p in files} == {n: oct(expected) for n in names}
+
+
+def test_zoo_convert_output_respects_the_umask(tmp_path, umask):
+    from typer.testing import CliRunner
+
+    import medtransfer as mt
+    from medtransfer.cli import app
+    from medtransfer.weights.export import export_official
+
+    model = mt.create_model("medicalnet_resnet10", task="features")
+    source = export_official(model.state_dict(), tmp_path / "resnet_10.pth", "medicalnet")
+    umask(0o022)
+    out = tmp_path / "r10.safetensors"
+    result = CliRunner().invoke(app, ["zoo", "convert", str(source), "--model", "medicalnet_resnet10", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert _mode(out) == 0o644

@@ -78,3 +78,25 @@ def test_a_changed_preset_redoes_every_case(data, tmp_path, reads):
     assert runner.invoke(app, [*base, "--preset", "genesis_ct"]).exit_code == 0
     again = runner.invoke(app, [*base, "--preset", "zscore"])
     assert again.exit_code == 0 and "prepared 3 cases in" in again.output
+
+
+def test_prepare_after_pending_does_not_hash_the_sources_again(data, tmp_path, monkeypatch):
+    import medtransfer.data.cache as cache_mod
+    from medtransfer.data.datasets import load_dataset
+    from medtransfer.data.preprocess import build_pipeline
+
+    old = 10**18  # files written long before they are hashed (settled), as in a real dataset
+    for p in data.rglob("*.nii.gz"):
+        os.utime(p, ns=(old, old))
+    hashed = []
+    real = cache_mod.sha256_file
+    monkeypatch.setattr(cache_mod, "sha256_file", lambda p: hashed.append(p) or real(p))
+    dataset = load_dataset(data)
+    cache = cache_mod.PreparedCache(tmp_path / "cache")
+    pipeline = build_pipeline(preset="genesis_ct")
+    assert cache.pending(dataset, pipeline, workers=1) == ["phantom_000", "phantom_001", "phantom_002"]
+    assert len(hashed) == 6
+    cache.prepare(dataset, pipeline, workers=1, progress=False)
+    assert len(hashed) == 6 and (cache.redone, cache.reused) == (3, 0)
+    assert cache_mod.PreparedCache(tmp_path / "cache").pending(dataset, pipeline, workers=1) == []
+    assert len(hashed) == 6

@@ -80,6 +80,7 @@ class PreparedCache:
         self.reader = reader  # None: medtransfer.data.io.read_image (resolved in the worker, so it need not pickle)
         self._manifest: dict[str, Any] | None = None
         self.redone = self.reused = 0  # of the last prepare()
+        self._hashed: dict[str, dict] = {}  # fingerprints of the last plan, by resolved path
 
     # ------------------------------------------------------------------------------------------------ reading
     @property
@@ -197,6 +198,7 @@ class PreparedCache:
     def _fingerprint_all(self, cases: list[Case], old: dict[str, Any], workers: int,
                          failures: dict[str, str]) -> dict[str, tuple[list[dict], dict | None]]:
         known = {s["path"]: s for e in old.values() for s in [*e.get("sources", []), e.get("label_source")] if s}
+        known.update(self._hashed)  # what pending() just hashed is not hashed again by prepare()
 
         def one(case: Case) -> tuple[list[dict], dict | None]:
             sources = [_fingerprint(Path(p), known) for p in case.images]
@@ -211,6 +213,7 @@ class PreparedCache:
                     result[case_id] = fut.result()
                 except DataError as err:
                     failures[case_id] = str(err)
+        self._hashed = {s["path"]: s for srcs, lab in result.values() for s in [*srcs, lab] if s}
         return result
 
     def _run(self, jobs: list[_Job], workers: int, progress: bool) -> list[tuple[str, dict | str]]:

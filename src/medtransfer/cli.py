@@ -61,9 +61,9 @@ def _main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def _millions(n: int) -> str:
@@ -130,7 +130,7 @@ def zoo_inspect(
 ) -> None:
     """Detect a weight file's format, count its tensors, and show which models it fits and with what coverage.
 
-    The file is read without executing anything in it.
+    The file is read without executing anything in it. Exits 1 when it fits no registered model.
     """
     from .errors import MedTransferError
     from .zoo.tools import inspect_checkpoint
@@ -140,6 +140,7 @@ def zoo_inspect(
     except MedTransferError as exc:
         _fail(exc)
     fits = info.fits if show_all else [f for f in info.fits if f.ok]
+    fits_none = not any(f.ok for f in info.fits)  # exit 1 then, so scripts can tell
     if as_json:
         typer.echo(
             json.dumps(
@@ -165,6 +166,8 @@ def zoo_inspect(
                 default=str,
             )
         )
+        if fits_none:
+            raise typer.Exit(code=1)
         return
     from rich.table import Table
 
@@ -190,10 +193,12 @@ def zoo_inspect(
         verdict = "no" if not f.ok else ("yes" if f.coverage == 1.0 else "partial")
         used = f"{f.file_used:.1%}" if f.ok else "-"
         table.add_row(f.model, verdict, f"{f.coverage:.1%}", used, f.reason)
-    if not fits:
-        console.print("[yellow]  this file fits no registered model (use --all to see why)[/]")
-    else:
+    if fits:
         console.print(table)
+    if fits_none:
+        err_console.print(f"[bold red]error:[/] {info.path} fits no registered model"
+                          + ("" if show_all else " (--all shows why for each)"), highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
 
 
 @zoo_app.command("convert")
@@ -260,24 +265,50 @@ def data_inspect(
         raise typer.Exit(code=1)
 
 
+_LABEL_ROWS = 12  # label values listed by `data inspect` before "... and N more" (a 116-label atlas: 12 lines)
+
+
 def _print_data_report(report) -> None:
     summary = report.summary()
-    console.print(f"[bold]{report.dataset}[/] ({report.format}, {report.task}) at {report.root}", highlight=False)
+    console.print(f"[bold]{report.dataset}[/] ({report.format}, {report.task}) at {report.root}", highlight=False,
+                  soft_wrap=True)
     console.print(f"  cases        : {summary['cases']}")
+    if "spatial_dims" in summary:
+        mix = ", ".join(f"{n} {d}D" for d, n in summary["spatial_dims"].items())
+        console.print(f"  dimensions   : {mix} (shape and spacing below: the {summary['summarised_dims']}D cases)",
+                      highlight=False)
     if report.channel_names:
         console.print(f"  channels     : {', '.join(report.channel_names)}", highlight=False)
     for key in ("shape", "spacing"):
         if key in summary:
             s = summary[key]
-            console.print(f"  {key:12s} : min {s['min']}  median {s['median']}  max {s['max']}", highlight=False)
+            console.print(f"  {key:12s} : min {s['min']}  median {s['median']}  max {s['max']}", highlight=False,
+                          soft_wrap=True)
+    if "anisotropy" in summary:
+        a = summary["anisotropy"]
+        console.print(f"  anisotropy   : largest/smallest spacing median {a['median']:g}, max {a['max']:g}",
+                      highlight=False)
+    if "orientation" in summary:
+        codes = ", ".join(f"{code} {n}" for code, n in summary["orientation"].items())
+        oblique = summary["oblique_cases"]
+        console.print(f"  orientation  : {codes} (on disk; {oblique} oblique)" if oblique else
+                      f"  orientation  : {codes} (on disk)", highlight=False)
     if "intensity" in summary:
         i = summary["intensity"]
         console.print(f"  intensity    : {i['min']:.4g} .. {i['max']:.4g} (mean of case means {i['mean_of_case_means']:.4g})")
     if "label_voxels" in summary:
         names = report.labels
-        rows = [f"{v} {names.get(v, '?')}: {n} voxels in {summary['label_cases'].get(v, 0)} cases"
-                for v, n in summary["label_voxels"].items()]
-        console.print("  labels       : " + "; ".join(rows), highlight=False, soft_wrap=True)
+        values = list(summary["label_voxels"].items())
+        console.print(f"  labels       : {len(values)} values" + (f", {min(summary['label_voxels'])}.."
+                      f"{max(summary['label_voxels'])}" if len(values) > 1 else ""), highlight=False)
+        for v, n in values[:_LABEL_ROWS]:
+            name = f" {names[v]}" if v in names else ""
+            console.print(f"    {v}{name}: {n} voxels in {summary['label_cases'].get(v, 0)} cases", highlight=False)
+        if len(values) > _LABEL_ROWS:
+            console.print(f"    ... and {len(values) - _LABEL_ROWS} more (--json lists all)", highlight=False)
+    if "num_classes" in summary:
+        console.print(f"  classes      : {summary['num_classes']} (from the {summary['num_classes_from']}; finetune "
+                      "uses this unless model.num_classes is set)", highlight=False)
     if "class_balance" in summary:
         console.print(f"  classes      : {summary['class_balance']}", highlight=False)
     if not report.problems:
@@ -328,8 +359,9 @@ def data_cubes(
 ) -> None:
     """Extract Models Genesis training cubes: HU window [-1000, 1000] -> [0, 1], random windows inside the margins,
     windows with too much dense tissue rejected (the published rule, vectorised). Defaults are the published ones,
-    made for LUNA16 volumes (at least 96 slices, 265 voxels in-plane); smaller volumes need smaller margins/cubes."""
-    from .data.cubes import CubeConfig, extract_cubes_from_dataset
+    made for LUNA16 volumes (at least 96 slices, 265 voxels in-plane); smaller volumes need smaller margins/cubes.
+    Exits 1, writing nothing, when no volume gives a cube, saying why for each."""
+    from .data.cubes import CubeConfig, NoCubesError, extract_cubes_from_dataset
     from .errors import MedTransferError
 
     dataset = _load_dataset(path, fmt)
@@ -338,6 +370,8 @@ def data_cubes(
         config = CubeConfig(cube_depth=d, cube_height=h, cube_width=w, border_xy=border_xy, border_z=border_z,
                             scale=scale, lung_max=lung_max)
         paths = extract_cubes_from_dataset(dataset, out, config=config, seed=seed)
+    except NoCubesError as exc:  # the data gave nothing under these options: exit 1, like `data inspect`
+        _fail(exc, code=1)
     except (MedTransferError, ValueError) as exc:
         _fail(exc)
     for p in paths:
@@ -353,25 +387,39 @@ def data_prepare(
     fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
     workers: Optional[int] = typer.Option(None, help="Worker processes (default: all cores)."),
 ) -> None:
-    """Check, then preprocess every case once into a memory-mappable cache with a manifest."""
+    """Check, then preprocess every case once into a memory-mappable cache with a manifest.
+
+    A second run redoes only new or changed cases (by content hash); with nothing to redo it reads no image and
+    says so."""
     from .data.cache import PreparedCache
     from .data.check import check_dataset
     from .data.preprocess import build_pipeline
     from .errors import MedTransferError
 
     dataset = _load_dataset(path, fmt)
-    report = check_dataset(dataset, workers=workers, progress=sys.stderr.isatty())
-    if not report.ok:
-        _print_data_report(report)
-        err_console.print("[bold red]error:[/] fix the problems above before preparing", highlight=False)
-        raise typer.Exit(code=1)
     try:
         target = tuple(float(s) for s in spacing.split(",")) if spacing else None
         pipeline = build_pipeline(preset=preset, spacing=target)
-        cases = PreparedCache(out).prepare(dataset, pipeline, workers=workers)
+        cache = PreparedCache(out)
+        todo = cache.pending(dataset, pipeline, workers=workers)  # sizes, times and hashes only: no voxel read
     except (MedTransferError, ValueError) as exc:
         _fail(exc)
-    console.print(f"prepared {len(cases)} cases in [bold]{out}[/]")
+    if todo:  # the up-to-date cases were prepared from these very files; a check reads every case
+        report = check_dataset(dataset, workers=workers, progress=sys.stderr.isatty())
+        if not report.ok:
+            _print_data_report(report)
+            err_console.print("[bold red]error:[/] fix the problems above before preparing", highlight=False)
+            raise typer.Exit(code=1)
+    try:
+        cases = cache.prepare(dataset, pipeline, workers=workers)
+    except (MedTransferError, ValueError) as exc:
+        _fail(exc)
+    if not todo:
+        console.print(f"{len(cases)} cases up to date in [bold]{out}[/], nothing to redo", highlight=False,
+                      soft_wrap=True)
+    else:
+        console.print(f"prepared {cache.redone} cases in [bold]{out}[/] ({cache.reused} up to date)", highlight=False,
+                      soft_wrap=True)
 
 
 _register_training_commands()

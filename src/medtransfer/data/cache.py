@@ -79,6 +79,8 @@ class PreparedCache:
         self.root = Path(root)
         self.reader = reader  # None: medtransfer.data.io.read_image (resolved in the worker, so it need not pickle)
         self._manifest: dict[str, Any] | None = None
+        self.redone = self.reused = 0  # of the last prepare()
+        self._hashed: dict[str, dict] = {}  # fingerprints of the last plan, by resolved path
 
     # ------------------------------------------------------------------------------------------------ reading
     @property
@@ -106,26 +108,75 @@ class PreparedCache:
         """``(image memmap, label memmap or None, meta)``; nothing is read until the arrays are indexed."""
         return self.case(case_id).load()
 
+    def label_max(self) -> int | None:
+        """The largest label value over the cached cases (None without labels), from the values the manifest
+        records; a case prepared before they were recorded has its label array read."""
+        top = None
+        for case_id in self.case_ids():
+            case = self.case(case_id)
+            if case.label is None:
+                continue
+            values = case.meta.get("label_values")
+            if values is None:
+                _, label, _ = case.load()
+                values = [int(label.max())] if label.size else []
+            if values:
+                top = max(values) if top is None else max(top, max(values))
+        return top
+
     # ------------------------------------------------------------------------------------------------ writing
+    def pending(self, dataset: Dataset, pipeline: Pipeline, *, workers: int | None = None) -> list[str]:
+        """Ids of the cases :meth:`prepare` would (re)do: new, changed (by content hash) or failing; no image is
+        read, only file sizes and times (and hashes for files whose times changed). Empty: all up to date."""
+        entries = self._plan(dataset, pipeline, max(1, workers or os.cpu_count() or 1))[1]
+        return [c.case_id for c in dataset.cases if c.case_id not in entries]
+
     def prepare(
         self, dataset: Dataset, pipeline: Pipeline, *, workers: int | None = None, progress: bool = True
     ) -> list[CachedCase]:
         """Bring the cache up to date with ``dataset`` prepared by ``pipeline``, redoing only what changed.
 
         ``workers`` processes (default: all cores; 1 runs in this process). Cases no longer in the dataset are
-        dropped from the cache.
+        dropped from the cache. Afterwards ``self.redone`` and ``self.reused`` count the cases prepared now and
+        those found up to date.
         """
+        workers = max(1, workers or os.cpu_count() or 1)
+        recipe, entries, jobs, failures = self._plan(dataset, pipeline, workers)
+        ids = [c.case_id for c in dataset.cases]
+        reused = len(entries)
+        for case_id, result in self._run(jobs, workers, progress):
+            if isinstance(result, str):
+                failures[case_id] = result
+            else:
+                entries[case_id] = result
+        ordered = {i: entries[i] for i in ids if i in entries}
+        manifest = {**recipe, "cases": ordered}
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        self._manifest = manifest
+        self._remove_unreferenced(ordered)
+        self.redone, self.reused = len(ordered) - reused, reused
+        log.info("cache %s: %d cases prepared, %d reused, %d failed", self.root, len(ordered) - reused, reused,
+                 len(failures))
+        if failures:
+            lines = "\n".join(f"  {cid}: {failures[cid]}" for cid in ids if cid in failures)
+            raise DataError(
+                f"{len(failures)} of {len(ids)} cases could not be prepared (the other {len(ordered)} are in the "
+                f"cache at {self.root}):\n{lines}"
+            )
+        return [_cached_case(self.root, i, e) for i, e in ordered.items()]
+
+    def _plan(self, dataset: Dataset, pipeline: Pipeline, workers: int):
+        """``(recipe, entries of up-to-date cases, jobs for the others, failures)`` from the manifest and the
+        source files' fingerprints; reads no image."""
         from .. import __version__
 
         ids = [c.case_id for c in dataset.cases]
         dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
         if dupes:
             raise DataError(f"{dataset.root}: duplicate case ids {dupes}; each case needs its own id")
-        old = _read_manifest(self.manifest_path)
-        old_cases: dict[str, Any] = old["cases"]
+        old_cases: dict[str, Any] = _read_manifest(self.manifest_path)["cases"]
         recipe = {"format": CACHE_FORMAT, "medtransfer": __version__, "pipeline": pipeline.to_dict()}
-        workers = max(1, workers or os.cpu_count() or 1)
-
         failures: dict[str, str] = {}
         fingerprints = self._fingerprint_all(dataset.cases, old_cases, workers, failures)
         entries: dict[str, Any] = {}
@@ -142,32 +193,12 @@ class PreparedCache:
                                          "meta": {**previous["meta"], "target": _jsonable(case.target)}}
                 continue
             jobs.append(_Job(case, key, pipeline, self.reader, self.root, sources, label_source))
-
-        reused = len(entries)
-        for case_id, result in self._run(jobs, workers, progress):
-            if isinstance(result, str):
-                failures[case_id] = result
-            else:
-                entries[case_id] = result
-        ordered = {i: entries[i] for i in ids if i in entries}
-        manifest = {**recipe, "cases": ordered}
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-        self._manifest = manifest
-        self._remove_unreferenced(ordered)
-        log.info("cache %s: %d cases prepared, %d reused, %d failed", self.root, len(ordered) - reused, reused,
-                 len(failures))
-        if failures:
-            lines = "\n".join(f"  {cid}: {failures[cid]}" for cid in ids if cid in failures)
-            raise DataError(
-                f"{len(failures)} of {len(ids)} cases could not be prepared (the other {len(ordered)} are in the "
-                f"cache at {self.root}):\n{lines}"
-            )
-        return [_cached_case(self.root, i, e) for i, e in ordered.items()]
+        return recipe, entries, jobs, failures
 
     def _fingerprint_all(self, cases: list[Case], old: dict[str, Any], workers: int,
                          failures: dict[str, str]) -> dict[str, tuple[list[dict], dict | None]]:
         known = {s["path"]: s for e in old.values() for s in [*e.get("sources", []), e.get("label_source")] if s}
+        known.update(self._hashed)  # what pending() just hashed is not hashed again by prepare()
 
         def one(case: Case) -> tuple[list[dict], dict | None]:
             sources = [_fingerprint(Path(p), known) for p in case.images]
@@ -182,6 +213,7 @@ class PreparedCache:
                     result[case_id] = fut.result()
                 except DataError as err:
                     failures[case_id] = str(err)
+        self._hashed = {s["path"]: s for srcs, lab in result.values() for s in [*srcs, lab] if s}
         return result
 
     def _run(self, jobs: list[_Job], workers: int, progress: bool) -> list[tuple[str, dict | str]]:
@@ -331,7 +363,16 @@ def _prepare_case(job: _Job) -> dict[str, Any]:
         "source_label": str(job.case.label) if job.case.label is not None else None,
         "target": _jsonable(job.case.target),
     }
+    if label is not None:
+        entry["meta"]["label_values"] = _label_values(np.asarray(label.array))
     return entry
+
+
+def _label_values(label: np.ndarray) -> list[int]:
+    """The distinct values of a label map; counting (linear time) for the usual small non-negative labels."""
+    if label.size and label.dtype.kind in "ui" and label.min() >= 0:
+        return np.flatnonzero(np.bincount(label.ravel())).tolist()
+    return np.unique(label).astype(int).tolist()
 
 
 def _stack_channels(images: list[Image], case_id: str) -> Image:

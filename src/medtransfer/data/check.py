@@ -21,6 +21,8 @@ from ..errors import DataError
 from .types import Case, Dataset, Image
 
 GEOMETRY_TOL = 1e-3  # relative tolerance on spacing, absolute (mm) on origin, absolute on direction cosines
+ANISOTROPY_WARN = 3.0  # largest / smallest spacing above which a warning is given (nnU-Net's threshold too)
+SLICE_GAP_TOL = 0.01  # relative spread of DICOM slice gaps (and at least 0.01 mm) tolerated as rounding
 
 
 @dataclass
@@ -44,6 +46,13 @@ class CaseStats:
     channels: int
     intensity: tuple[float, float, float]  # min, max, mean over finite voxels
     label_counts: dict[int, int] = field(default_factory=dict)
+    orientation: str = ""  # axis codes as stored on disk (x, y, z order), e.g. "LPS", "RAS"
+    oblique: bool = False
+    slice_gaps: dict[str, float] | None = None  # DICOM series: min / median / max distance between slice positions
+
+    @property
+    def anisotropy(self) -> float:
+        return max(self.spacing) / min(self.spacing) if self.spacing and min(self.spacing) > 0 else 1.0
 
 
 @dataclass
@@ -75,12 +84,24 @@ class DatasetReport:
         out: dict[str, Any] = {"cases": len(self.cases)}
         if not self.cases:
             return out
-        shapes = np.array([c.shape for c in self.cases if c.shape], dtype=float)
-        spacings = np.array([c.spacing for c in self.cases if c.spacing], dtype=float)
+        dims = Counter(len(c.shape) for c in self.cases)
+        common = dims.most_common(1)[0][0]
+        if len(dims) > 1:  # shapes of 2D and 3D cases cannot be stacked: summarise the most common kind
+            out["spatial_dims"] = {int(k): int(v) for k, v in sorted(dims.items())}
+            out["summarised_dims"] = int(common)
+        same = [c for c in self.cases if len(c.shape) == common]
+        shapes = np.array([c.shape for c in same if c.shape], dtype=float)
+        spacings = np.array([c.spacing for c in same if c.spacing], dtype=float)
         if shapes.size:
             out["shape"] = {k: [int(round(v)) for v in getattr(np, k)(shapes, axis=0)] for k in ("min", "median", "max")}
         if spacings.size:
             out["spacing"] = {k: getattr(np, k)(spacings, axis=0).round(4).tolist() for k in ("min", "median", "max")}
+            ratios = [c.anisotropy for c in self.cases]
+            out["anisotropy"] = {k: round(float(getattr(np, k)(ratios)), 3) for k in ("min", "median", "max")}
+        codes = Counter(c.orientation for c in self.cases if c.orientation)
+        if codes:
+            out["orientation"] = dict(codes.most_common())
+            out["oblique_cases"] = sum(c.oblique for c in self.cases)
         lo = min(c.intensity[0] for c in self.cases)
         hi = max(c.intensity[1] for c in self.cases)
         out["intensity"] = {"min": lo, "max": hi, "mean_of_case_means": float(np.mean([c.intensity[2] for c in self.cases]))}
@@ -92,6 +113,10 @@ class DatasetReport:
         if totals:
             out["label_voxels"] = {int(k): int(v) for k, v in sorted(totals.items())}
             out["label_cases"] = {int(k): int(v) for k, v in sorted(present.items())}
+            if self.task == "segmentation":
+                declared = bool(self.labels)
+                out["num_classes"] = int(max(self.labels if declared else totals)) + 1
+                out["num_classes_from"] = "declared labels" if declared else "label values (no label set declared)"
         if self.class_balance:
             out["class_balance"] = dict(self.class_balance)
         return out
@@ -188,6 +213,17 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[CaseStats | None, list[Pr
             if t not in dataset.labels:
                 add("error", None, f"class {t} is not one of the declared classes {sorted(dataset.labels)}",
                     "correct the class or declare it")
+    orientation, oblique = "", False
+    if first.spatial_dims == 3:
+        from .io import axis_codes
+
+        orientation, oblique = axis_codes(first.meta.get("original", {}).get("direction", first.direction))
+    gaps = first.meta.get("dicom_slice_gaps")
+    if gaps and gaps["max"] - gaps["min"] > max(0.01, SLICE_GAP_TOL * gaps["median"]):
+        add("warning", case.images[0], f"DICOM slice positions are unevenly spaced: gaps from {gaps['min']:.4g} to "
+            f"{gaps['max']:.4g} mm (median {gaps['median']:.4g}), but the volume is read at one spacing",
+            "a slice may be missing (copy the series again) or the protocol varies the thickness; resample the "
+            "series by its slice positions before training")
     stats = CaseStats(
         case_id=case.case_id,
         shape=first.spatial_shape,
@@ -195,6 +231,9 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[CaseStats | None, list[Pr
         channels=channels,
         intensity=(lo if finite_all or np.isfinite(lo) else float("nan"), hi, mean),
         label_counts=counts,
+        orientation=orientation,
+        oblique=oblique,
+        slice_gaps=gaps,
     )
     return stats, problems
 
@@ -221,8 +260,11 @@ def _check_label(case: Case, dataset: Dataset, image: Image, label: Image, add) 
     if dataset.labels:
         extra = sorted(set(found) - set(dataset.labels))
         if extra:
-            add("error", case.label, f"label values {extra} are outside the declared classes "
-                f"{sorted(dataset.labels)}", "declare these classes in the dataset description or fix the label")
+            add("error", case.label, f"label values {_few(extra)} are outside the declared classes "
+                f"{_few(sorted(dataset.labels))}", "declare these classes in the dataset description or fix the label")
+    elif min(found, default=0) < 0:
+        add("error", case.label, f"label values {_few(sorted(v for v in found if v < 0))} are negative",
+            "class indices start at 0 (background); fix the label or declare the label set")
     if set(found) <= {0}:
         add("warning", case.label, "label is empty (background only)", "check the annotation; empty labels teach "
             "the network that nothing is ever present")
@@ -266,8 +308,18 @@ def check_dataset(dataset: Dataset, *, workers: int | None = None, progress: boo
 
     dims = Counter(len(c.shape) for c in report.cases)
     if len(dims) > 1:
-        report.problems.append(Problem("error", None, None, f"cases mix spatial dimensions {dict(dims)}",
-                                       "keep 2D and 3D images in separate datasets"))
+        odd = [f"{c.case_id} ({len(c.shape)}D)" for c in report.cases if len(c.shape) != dims.most_common(1)[0][0]]
+        report.problems.append(Problem("error", None, None, f"cases mix spatial dimensions {dict(sorted(dims.items()))}"
+                                       f" (e.g. {', '.join(odd[:3])})", "keep 2D and 3D images in separate datasets: "
+                                       "move the odd files (e.g. .npy or .png beside the scans) out of the folder"))
+    aniso = [c for c in report.cases if c.anisotropy > ANISOTROPY_WARN]
+    if aniso:
+        worst = max(aniso, key=lambda c: c.anisotropy)
+        report.problems.append(Problem(
+            "warning", None, None, f"{len(aniso)} of {len(report.cases)} cases are anisotropic (largest / smallest "
+            f"spacing above {ANISOTROPY_WARN:g}; at most {worst.anisotropy:.3g}, case {worst.case_id} spacing "
+            f"{tuple(round(v, 4) for v in worst.spacing)})", "resample to a less anisotropic spacing (`data prepare "
+            "--spacing`, data.spacing), or choose a patch that spans a similar distance along each axis"))
     channels = Counter(c.channels for c in report.cases)
     if len(channels) > 1:
         odd = [c.case_id for c in report.cases if c.channels != channels.most_common(1)[0][0]]
@@ -280,6 +332,11 @@ def check_dataset(dataset: Dataset, *, workers: int | None = None, progress: boo
                 report.problems.append(Problem("warning", None, None, f"class {cls} ('{name}') has no example",
                                                "add examples or drop the class"))
     return report
+
+
+def _few(values: list[int], n: int = 12) -> str:
+    """A list short enough for one message line: the first ``n`` values and how many more."""
+    return str(values) if len(values) <= n else f"[{', '.join(map(str, values[:n]))}, ... {len(values) - n} more]"
 
 
 def _class_balance(dataset: Dataset) -> dict[str, int]:

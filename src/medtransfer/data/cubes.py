@@ -62,6 +62,10 @@ from ..weights.io import atomic_write
 
 log = logging.getLogger(__name__)
 
+
+class NoCubesError(DataError):
+    """No case gave a cube (every volume too small, or every window too dense): nothing was written."""
+
 CUBE_AXES = "N,z,y,x"  # the layout of every cube array medtransfer writes
 
 
@@ -126,7 +130,7 @@ class CubeSample:
     corners: np.ndarray  # (N, 3) int64, [z, y, x] of each cube's first voxel in the volume
     candidates: int
     evaluated: int
-    skipped: str | None = None  # why the volume gave nothing by construction (too small), else None
+    skipped: str | None = None  # why the volume gave no cube (too small, or every window too dense), else None
 
 
 def corner_ranges(shape: tuple[int, ...], config: CubeConfig) -> tuple[tuple[int, int], ...] | None:
@@ -198,21 +202,28 @@ def sample_cubes(volume_hu: np.ndarray, rng: np.random.Generator | int, *, confi
     depth, height, width = config.cube_depth, config.cube_height, config.cube_width
     empty = CubeSample(np.empty((0, depth, height, width), np.float32), np.empty((0, 3), np.int64), 0, 0)
     if volume_hu.shape[0] < config.min_slices:
-        empty.skipped = f"{volume_hu.shape[0]} slices, fewer than the {config.min_slices} needed"
+        empty.skipped = (f"{volume_hu.shape[0]} slices, fewer than the {config.min_slices} needed (cube depth "
+                         f"{depth} + {config.len_depth + 1} + 2 x border_z {config.border_z}); lower --border-z or "
+                         "the depth in --cube-size")
         return empty
     corners = candidate_corners(volume_hu.shape, rng, config)
     if len(corners) == 0:
-        empty.skipped = (f"in-plane size {volume_hu.shape[1:]} leaves no room for a {height}x{width} window inside "
-                         f"a {config.border_xy}-voxel border")
+        need = 2 * config.border_xy + 1
+        empty.skipped = (f"in-plane size {tuple(volume_hu.shape[1:])} leaves no room for a {height}x{width} window "
+                         f"inside a {config.border_xy}-voxel border (needs {height + need}x{width + need}); lower "
+                         "--border-xy or the in-plane size in --cube-size")
         return empty
 
     kept_cubes: list[np.ndarray] = []
     kept_corners: list[np.ndarray] = []
     n_kept = evaluated = 0
+    least = np.inf  # smallest dense-tissue weight seen, to say by how much windows missed when none is kept
     for start in range(0, len(corners), batch):
         chunk = corners[start : start + batch]
         windows = normalise_hu(gather_windows(volume_hu, chunk, config), config)
-        accept = dense_tissue_weight(windows, config) <= config.max_dense_weight
+        weight = dense_tissue_weight(windows, config)
+        least = min(least, float(weight.min()))
+        accept = weight <= config.max_dense_weight
         evaluated += len(chunk)
         take = np.flatnonzero(accept)[: config.scale - n_kept]
         kept_cubes.append(windows[take, :depth].astype(np.float32))
@@ -220,7 +231,13 @@ def sample_cubes(volume_hu: np.ndarray, rng: np.random.Generator | int, *, confi
         n_kept += len(take)
         if n_kept == config.scale:
             break
-    return CubeSample(np.concatenate(kept_cubes), np.concatenate(kept_corners), len(corners), evaluated)
+    sample = CubeSample(np.concatenate(kept_cubes), np.concatenate(kept_corners), len(corners), evaluated)
+    if n_kept == 0:
+        voxels = config.cube_depth * config.cube_height * config.cube_width
+        sample.skipped = (f"all {evaluated} candidate windows hold too much dense tissue (>= {config.threshold_hu:g} "
+                          f"HU): the least dense has a weighted fraction of {least / voxels:.3f}, above --lung-max "
+                          f"{config.lung_max:g}; raise --lung-max, or check that this is chest CT in HU")
+    return sample
 
 
 def extract_cubes(volume_hu: np.ndarray, rng: np.random.Generator | int, *, config: CubeConfig = CubeConfig(),
@@ -323,8 +340,10 @@ def extract_cubes_from_dataset(dataset, out_dir: str | Path, *, config: CubeConf
     One file per group (:func:`group_of`: LUNA16 subset, else ``all``) named by :func:`cube_file_name`, holding
     ``(N, z, y, x)`` float32, with a JSON manifest beside it: config, seed, axes, and per case the number of cubes,
     their corners, and why it was skipped or failed. Cubes are streamed to a temporary file as they come, so memory
-    holds one volume at a time; each file appears atomically. A case that cannot be read does not stop the others:
-    the files are written, then a :class:`DataError` names every failure. The dataset's unlabelled test images are
+    holds one volume at a time; each file appears atomically, and a group without a cube gets no file. A case that
+    cannot be read does not stop the others: the files are written, then a :class:`DataError` names every failure.
+    When no case gives a cube, :class:`NoCubesError` says why for each (volume smaller than cube and margins, with
+    the numbers and the option to change, or every window over the dense-tissue limit) and nothing is written. The dataset's unlabelled test images are
     left out, so pretraining never sees the images a model is scored on.
     """
     from rich.console import Console
@@ -341,13 +360,14 @@ def extract_cubes_from_dataset(dataset, out_dir: str | Path, *, config: CubeConf
     if not dataset.cases:
         raise DataError(f"Dataset {dataset.name} ({dataset.root}) has no cases to extract cubes from.")
     out_dir = Path(out_dir)
+    made_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list] = {}
     for case in dataset.cases:
         groups.setdefault(group_of(case.case_id, Path(case.images[0]), dataset), []).append(case)
 
     cube_shape = (config.cube_depth, config.cube_height, config.cube_width)
-    written, failures, n_cubes = [], [], 0
+    written, failures, n_cubes, why_none = [], [], 0, []
     columns = (TextColumn("cubes {task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[n]} cubes"), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
@@ -371,21 +391,28 @@ def extract_cubes_from_dataset(dataset, out_dir: str | Path, *, config: CubeConf
                             total += len(sample.cubes)
                             records.append(record)
                         n_cubes += records[-1]["n_cubes"]
+                        if records[-1].get("skipped"):
+                            why_none.append(f"  {case.case_id}: {records[-1]['skipped']}")
                         bar.update(task, advance=1, n=n_cubes)
-                _write_npy_from_raw(path, raw, (total, *cube_shape))
+                if total:  # an empty (0, ...) file would only fail later, in pretraining
+                    _write_npy_from_raw(path, raw, (total, *cube_shape))
             finally:
                 raw.unlink(missing_ok=True)
+            if not total:
+                log.warning("%s: no cube from its %d cases, no file written", path, len(records))
+                continue
             manifest = {"format": "medtransfer-cubes-1", "file": path.name, "axes": CUBE_AXES, "dtype": "float32",
                         "shape": [total, *cube_shape], "group": group, "dataset": dataset.name,
                         "seed": seed, "config": asdict(config), "cases": records, "versions": versions()}
             atomic_write(path.with_suffix(".json"), lambda tmp, m=manifest: tmp.write_text(json.dumps(m, indent=1)))
             log.info("%s: %d cubes from %d cases", path, total, len(records))
             written.append(path)
+    if n_cubes == 0 and made_dir and not any(out_dir.iterdir()):
+        out_dir.rmdir()
     if n_cubes == 0 and not failures:
-        log.warning("No cubes from the %d cases of %s: each volume was too small (%s needs %d slices and %d voxels "
-                    "in-plane) or every window held too much dense tissue; see 'skipped' in the manifests. Smaller "
-                    "border_xy/border_z or cubes fit smaller volumes.", len(dataset.cases), dataset.root, config,
-                    config.min_slices, 2 * config.border_xy + max(config.cube_height, config.cube_width) + 1)
+        shown = why_none[:5] + ([f"  ... and {len(why_none) - 5} more"] if len(why_none) > 5 else [])
+        raise NoCubesError(f"no cube extracted from the {len(dataset.cases)} cases of {dataset.root}, nothing "
+                           "written:\n" + "\n".join(shown))
     if failures:
         raise DataError(f"{len(failures)} of {len(dataset.cases)} cases gave no cubes because they could not be "
                         f"used (the others are in {out_dir}):\n" + "\n".join(failures))

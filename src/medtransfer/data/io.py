@@ -20,6 +20,7 @@ decompressing); and it turns NaN/Inf into 0, so floating-point NIfTI voxels are 
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import logging
 import os
@@ -42,6 +43,36 @@ from .types import Image
 
 logger = logging.getLogger(__name__)
 
+
+class _ITKMessagesToLogging(sitk.LoggerBase):
+    """ITK's own output window prints to stderr (e.g. "Non uniform sampling or missing slices detected" for every
+    uneven DICOM series), in the middle of a CLI's report; its messages go to this module's log instead, warnings at
+    INFO, the rest at DEBUG (``--verbose`` shows them). What matters to a user is reported by medtransfer itself."""
+
+    def _log(self, level: int, text: str) -> None:
+        text = re.sub(r"^.*?\(0x[0-9a-fA-F]+\):\s*", "", " ".join(str(text).split()))  # drop source file/address
+        logger.log(level, "ITK: %s", text)
+
+    def DisplayText(self, t):  # noqa: N802 - ITK's method names
+        self._log(logging.DEBUG, t)
+
+    def DisplayGenericOutputText(self, t):  # noqa: N802
+        self._log(logging.DEBUG, t)
+
+    def DisplayDebugText(self, t):  # noqa: N802
+        self._log(logging.DEBUG, t)
+
+    def DisplayWarningText(self, t):  # noqa: N802
+        self._log(logging.INFO, t)
+
+    def DisplayErrorText(self, t):  # noqa: N802 - errors also surface as exceptions, turned into DataError here
+        self._log(logging.DEBUG, t)
+
+
+_ITK_LOGGER = _ITKMessagesToLogging()
+# ITK's previous output window comes back at exit, so nothing calls into Python while the interpreter shuts down
+atexit.register(_ITK_LOGGER.SetAsGlobalITKLogger().SetAsGlobalITKLogger)
+
 READ_EXTENSIONS: dict[str, str] = {
     ".nii": "nifti", ".nii.gz": "nifti", ".mha": "metaimage", ".mhd": "metaimage", ".nrrd": "nrrd", ".nhdr": "nrrd",
     ".dcm": "dicom", ".dicom": "dicom", ".ima": "dicom", ".npy": "npy", ".npz": "npz",
@@ -59,6 +90,63 @@ def extension(path: str | os.PathLike) -> str:
     """The lower-case extension that decides the format (``.nii.gz`` counts as one)."""
     name = Path(path).name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """The name without its image extension, only when it is one :func:`read_image` knows: ``sub-01.ses-1.nii.gz``
+    -> ``sub-01.ses-1``, ``scan.mha`` -> ``scan``; a DICOM folder or a file without a known extension keeps its whole
+    name (``IM0001``, ``case.v2``)."""
+    name = Path(path).name
+    ext = extension(name)
+    return name[: -len(ext)] if ext in READ_EXTENSIONS and len(name) > len(ext) else name
+
+
+# Output formats for predictions: NIfTI by default; "same" keeps the input's type where it can be written.
+OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha", "same": None}
+_WRITE_INSTEAD = {".nhdr": ".nrrd"}  # a readable type written as its nearest writable one under "same"
+
+
+def output_extension(source: str | os.PathLike, fmt: str = "nii.gz") -> str:
+    """The extension a prediction for ``source`` is written with: ``fmt`` (a key of :data:`OUTPUT_FORMATS`), or
+    for ``"same"`` the source's own type; a type medtransfer cannot write (DICOM) falls back to ``.nii.gz``."""
+    if fmt.lstrip(".").lower() not in OUTPUT_FORMATS:
+        raise DataError(f"unknown output format '{fmt}'; choose one of {', '.join(OUTPUT_FORMATS)}.")
+    ext = OUTPUT_FORMATS[fmt.lstrip(".").lower()]
+    if ext is not None:
+        return ext
+    src = extension(source) if not Path(source).is_dir() else ""
+    src = _WRITE_INSTEAD.get(src, src)
+    if src in WRITE_EXTENSIONS:
+        return src
+    logger.info("%s: its type cannot be written; its output is NIfTI (.nii.gz)", source)
+    return ".nii.gz"
+
+
+def plan_output_paths(inputs, out_dir: str | os.PathLike, fmt: str = "nii.gz", *, suffix: str = "") -> list[Path]:
+    """One output path per input, ``out_dir / (image_stem + suffix + extension)`` in input order, refusing before
+    anything is written when two inputs would land on one file (``a/scan.nrrd`` and ``b/scan.nrrd``; ``x.nii.gz``
+    and ``x.mha``; names differing only in case, which collide on macOS and Windows) or an output would replace an
+    input. The :class:`DataError` names every clash and the fix."""
+    out_dir = Path(out_dir)
+    inputs = [Path(p) for p in inputs]
+    outputs = [out_dir / f"{image_stem(p)}{suffix}{output_extension(p, fmt)}" for p in inputs]
+    first: dict[str, Path] = {}
+    clashes = []
+    for source, target in zip(inputs, outputs):
+        key = target.name.casefold()
+        if key in first:
+            same = first[key].resolve() == source.resolve()
+            clashes.append(f"{first[key]} {'is given twice' if same else f'and {source} would both be written to'}"
+                           f"{'' if same else f' {target}'}")
+        else:
+            first[key] = source
+    resolved = {p.resolve() for p in inputs}
+    clashes += [f"the output {t} would replace the input {s}" for s, t in zip(inputs, outputs) if t.resolve() in resolved]
+    if clashes:
+        raise DataError("output names clash, nothing was written: " + "; ".join(clashes) + ". Rename the inputs so "
+                        "their names differ, or predict them into separate --out folders (in one folder a file "
+                        "without its image extension must be unique).")
+    return outputs
 
 
 # --- SimpleITK <-> Image --------------------------------------------------------------------------------------------
@@ -221,15 +309,29 @@ def _read_nifti(path: Path) -> Image:
 
     disk_dtype = check_nifti_complete(path)
     if disk_dtype is None or disk_dtype.kind != "f":
-        return image_from_sitk(_sitk_read(path, "NIfTI"), path)
+        return _with_nifti_codes(_sitk_read(path, "NIfTI"), path)
     reader = _sitk_header(path, "NIfTI")
     size, ncomp = tuple(reader.GetSize()), reader.GetNumberOfComponents()
     data = np.asanyarray(nib.load(str(path), mmap=False).dataobj)
     if data.size != int(np.prod(size)) * ncomp or (reader.GetDimension() == 4 and ncomp > 1):
-        return image_from_sitk(_sitk_read(path, "NIfTI"), path)  # a layout only ITK understands
+        return _with_nifti_codes(_sitk_read(path, "NIfTI"), path)  # a layout only ITK understands
     # NIfTI is x-fastest (Fortran order) with vector components slowest; ours is [c, (t,) z, y, x]
     arr = data.reshape(size + (ncomp,), order="F").T
-    return Image(array=np.ascontiguousarray(arr[0] if ncomp == 1 else arr), path=path, **_geometry(reader))
+    image = Image(array=np.ascontiguousarray(arr[0] if ncomp == 1 else arr), path=path, **_geometry(reader))
+    image.meta["nifti_codes"] = _nifti_codes(reader)
+    return image
+
+
+def _nifti_codes(itk) -> dict[str, int]:
+    """The header's sform/qform codes (what the coordinates mean: 1 scanner, 2 aligned, 3 Talairach, 4 MNI...),
+    which ITK reads but does not write back (it writes 1 and 1): :func:`write_image` restores them."""
+    return {k: int(itk.GetMetaData(k)) for k in ("sform_code", "qform_code") if itk.HasMetaDataKey(k)}
+
+
+def _with_nifti_codes(img: sitk.Image, path: Path) -> Image:
+    image = image_from_sitk(img, path)
+    image.meta["nifti_codes"] = _nifti_codes(img)
+    return image
 
 
 def _read_nrrd(path: Path) -> Image:
@@ -264,13 +366,46 @@ def _read_dicom_folder(folder: Path) -> Image:
                     folder, len(series), sid, len(files))  # fmt: skip
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # the slices' own tags, for the slice positions below
     try:
-        image = image_from_sitk(reader.Execute(), folder)
+        img = reader.Execute()
     except RuntimeError as err:
         raise DataError(f"{folder}: DICOM series {sid} cannot be read ({_itk_reason(err)}); a slice may be corrupt "
                         "or missing; copy the series again.") from err  # fmt: skip
+    image = image_from_sitk(img, folder)
     image.meta["dicom_series"] = sid
+    gaps = _slice_gaps(reader, img, len(files))
+    if gaps is not None:
+        image.meta["dicom_slice_gaps"] = gaps
     return image
+
+
+def _slice_gaps(reader: sitk.ImageSeriesReader, img: sitk.Image, n: int) -> dict[str, float] | None:
+    """Smallest, median and largest distance between consecutive slice positions (ImagePositionPatient along the
+    slice normal). ITK stacks the slices at one spacing (first to last position over n - 1), so unequal gaps (a
+    missing slice, a variable-thickness protocol) mean voxels sit where they were not acquired."""
+    if img.GetDimension() != 3 or n < 3:
+        return None
+    normal = np.asarray(img.GetDirection(), float).reshape(3, 3)[:, 2]
+    try:
+        positions = [np.asarray(reader.GetMetaData(i, "0020|0032").split("\\"), float) @ normal for i in range(n)]
+    except (RuntimeError, ValueError):  # a slice without a usable position: ITK fell back to its own guess
+        return None
+    gaps = np.abs(np.diff(np.sort(positions)))
+    return {"min": float(gaps.min()), "median": float(np.median(gaps)), "max": float(gaps.max())}
+
+
+def axis_codes(direction: np.ndarray) -> tuple[str, bool]:
+    """ITK/DICOM-style orientation letters of a ``direction`` (array order, as in :class:`Image`) and whether it is
+    oblique. One letter per axis in x, y, z order, naming the world direction the axis points to (``LPS``: x towards
+    patient Left, y Posterior, z Superior, ITK's identity; a NIfTI with an identity RAS affine reads as ``RAS``).
+    Oblique: some axis is more than about 0.8 degrees off its nearest world axis."""
+    m = np.asarray(direction, float)[::-1, ::-1]  # row i: ITK axis i (x, y, z) in world (L, P, S) order
+    letters = ""
+    for row in m:
+        w = int(np.argmax(np.abs(row)))
+        letters += ("LPS"[w] if row[w] > 0 else "RAI"[w])
+    return letters, bool(np.min(np.max(np.abs(m), axis=1)) < 0.9999)
 
 
 def _spatial_dims(arr: np.ndarray, path: Path) -> int:
@@ -470,7 +605,9 @@ def _numpy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, dict[str, np.n
 def write_image(image: Image, path: str | os.PathLike, *, like: Image | None = None, compress: bool = True) -> Path:
     """Write ``image`` atomically, the format chosen by extension (:data:`WRITE_EXTENSIONS`); integer (label)
     arrays keep their dtype. With ``like`` (the image it was predicted from), the array is first brought back to
-    the orientation and geometry ``like`` had on disk, so it overlays the original scan in any viewer."""
+    the orientation and geometry ``like`` had on disk, so it overlays the original scan in any viewer. A NIfTI
+    output keeps the sform/qform codes of ``like`` (else of ``image``) when it was read from NIfTI: a scan in MNI
+    space (``sform_code`` 4) gives a label map in MNI space, where ITK alone would write 1 (scanner) for both."""
     path = Path(path)
     ext = extension(path)
     if ext not in WRITE_EXTENSIONS:
@@ -485,10 +622,13 @@ def write_image(image: Image, path: str | os.PathLike, *, like: Image | None = N
         return atomic_write(path, lambda tmp: _save_numpy(tmp, save, **arrays))
     if ext in (".png", ".jpg", ".jpeg", ".bmp"):
         image = _raster_ready(image, path)
+    codes = (like if like is not None else image).meta.get("nifti_codes") if ext in (".nii", ".nii.gz") else None
     img = image_to_sitk(image)
     try:
         if ext == ".mhd":  # header + data file: both get their final names inside a private temp folder first
             return _write_metaimage_pair(img, path, compress)
+        if codes:
+            return atomic_write(path, lambda tmp: _write_nifti_with_codes(img, tmp, ext, codes, compress))
         return atomic_write(path, lambda tmp: _sitk_write_as(img, tmp, ext, compress))
     except RuntimeError as err:
         raise DataError(f"{path}: cannot be written ({_itk_reason(err)}); for PNG/JPEG use uint8/uint16 pixels, for "
@@ -506,6 +646,36 @@ def _sitk_write_as(img: sitk.Image, tmp: Path, ext: str, compress: bool) -> None
     try:
         sitk.WriteImage(img, str(side), compress)
         os.replace(side, tmp)
+    finally:
+        side.unlink(missing_ok=True)
+
+
+_QFORM_CODE_OFFSET = 252  # NIfTI-1 header: int16 qform_code at byte 252, int16 sform_code at 254
+
+
+def _write_nifti_with_codes(img: sitk.Image, tmp: Path, ext: str, codes: dict[str, int], compress: bool) -> None:
+    """ITK writes the header (geometry as it always does), then the two code fields are set in place; ``.nii.gz``
+    is compressed afterwards."""
+    side = tmp.with_name(tmp.name + ".nii")
+    try:
+        sitk.WriteImage(img, str(side), False)
+        with open(side, "r+b") as f:
+            head = f.read(_QFORM_CODE_OFFSET + 4)
+            order = {348: "<", 348 << 24: ">"}.get(int.from_bytes(head[:4], "little"))
+            if order is None:  # NIfTI-2 (ITK's choice for very large images) keeps ITK's codes
+                logger.warning("%s: not written as NIfTI-1; its sform/qform codes are ITK's (1, 1), not %s",
+                               tmp, codes)
+            else:
+                old = np.frombuffer(head[_QFORM_CODE_OFFSET:], dtype=f"{order}i2")
+                new = np.array([codes.get("qform_code", old[0]), codes.get("sform_code", old[1])], f"{order}i2")
+                f.seek(_QFORM_CODE_OFFSET)
+                f.write(new.tobytes())
+        if ext == ".nii.gz":  # always gzip: readers go by the extension
+            with open(side, "rb") as src, open(tmp, "wb") as raw:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6 if compress else 1, mtime=0) as dst:
+                    shutil.copyfileobj(src, dst, length=16 << 20)
+        else:
+            os.replace(side, tmp)
     finally:
         side.unlink(missing_ok=True)
 

@@ -142,13 +142,24 @@ def checked_dataset(path: str | Path, format: str = "auto", options: Optional[di
     return dataset
 
 
-def _num_classes(cfg: FinetuneConfig, dataset) -> tuple[int, bool]:
+def _num_classes(cfg: FinetuneConfig, dataset, cache=None) -> tuple[int, bool]:
+    """Classes of the head: model.num_classes, else the declared label set, else (segmentation lists without one)
+    the largest label value in the prepared cache + 1, said in a warning; a label the head cannot hold is refused
+    here rather than inside the loss."""
     targets = [c.target for c in dataset.cases]
     multilabel = any(isinstance(t, (list, tuple)) for t in targets)
+    top = cache.label_max() if cache is not None and cfg.model.task == "segmentation" else None
     if cfg.model.num_classes is not None:
+        if top is not None and top >= cfg.model.num_classes:
+            raise MedTransferError(f"model.num_classes is {cfg.model.num_classes} but the labels of {dataset.root} go "
+                                   f"up to {top}; set model.num_classes to {top + 1} (or leave it unset)")
         return cfg.model.num_classes, multilabel
     if cfg.model.task == "segmentation":
-        return (max(dataset.labels) + 1 if dataset.labels else 2), False
+        if dataset.labels or top is None:
+            return (max(dataset.labels) + 1 if dataset.labels else 2), False
+        log.warning("num_classes %d: taken from the label values (0..%d) of %s, which declares no label set; set "
+                    "model.num_classes to override", max(top + 1, 2), top, dataset.root)
+        return max(top + 1, 2), False
     if multilabel:
         return len(next(t for t in targets if isinstance(t, (list, tuple)))), True
     return max(len(dataset.labels), max(int(t) for t in targets if t is not None) + 1), False
@@ -230,7 +241,7 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     if world > 1 and main:
         barrier()
 
-    num_classes, multilabel = _num_classes(cfg, dataset)
+    num_classes, multilabel = _num_classes(cfg, dataset, cache)
     run = {"task": task, "num_classes": num_classes, "multilabel": multilabel, "patch_size": contract["patch_size"],
            "spatial_dims": dataset.spatial_dims, "pipeline": pipeline.to_dict(), "cache": str(cache_dir),
            "data_path": str(data_path), "data_format": cfg.data.format}

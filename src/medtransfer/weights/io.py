@@ -174,8 +174,24 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
     return RawCheckpoint(path, tensors, "safetensors", metadata)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc``); else set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``; on any failure the old ``path`` is untouched."""
+    """Call ``write(tmp_path)`` then rename onto ``path``; on any failure the old ``path`` is untouched.
+
+    The file gets the mode any other tool would give it: 0666 minus the umask (0644 under the usual 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -183,6 +199,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        # mkstemp (and writers that replace the file, such as safetensors) leave it 0600 whatever the umask
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -194,3 +195,49 @@ def test_loader_set_epoch_and_a_fresh_run_drops_old_checkpoints(tmp_path):
     fit(model, loader, None, run_dir=tmp_path, **kwargs)
     assert not (tmp_path / "checkpoints" / "best.pt").exists()
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+_STEP_LINE = re.compile(r"step (\d+)/24 epoch (\d)/6 loss (\S+) lr 0\.2 (\S+) s/it eta \S+")
+# a validation right after a step line: nothing new to say about training, so only the validation and the eta
+_VAL_LINE = re.compile(r"step (\d+)/24 epoch (\d)/6 val loss (\S+) dice_mean (\S+) \(best (\S+) at step (\d+)\) "
+                       r"eta \S+")
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    model, loader, val, kwargs = make_run(2, max_epochs=6, lr=0.2)
+    fit(model, loader, val, run_dir=tmp_path, **{**kwargs, "progress": True})
+    lines = capsys.readouterr().err.strip().splitlines()
+    steps = [_STEP_LINE.fullmatch(line) for line in lines]
+    vals = [_VAL_LINE.fullmatch(line) for line in lines]
+    assert all(a or b for a, b in zip(steps[:-1], vals[:-1])), lines  # every line but the last is one of the two
+    # 24 steps, 10 lines per run -> every 2 steps, plus the first; epochs of 4 steps
+    assert [int(m[1]) for m in steps if m] == [1] + list(range(2, 25, 2))
+    assert all(int(m[2]) == (int(m[1]) - 1) // 4 + 1 for m in steps if m)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val_lines = [m for m in vals if m]
+    assert [int(m[1]) for m in val_lines] == [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
+    for m, r in zip(val_lines, records):
+        assert float(m[3]) == pytest.approx(r["val"]["loss"], rel=1e-3)
+        assert float(m[4]) == pytest.approx(r["val"]["dice_mean"], rel=1e-3)
+    # a line's loss is the mean over its steps: the lines of steps 6 and 8 make up epoch 2's train_loss
+    by_step = {int(m[1]): float(m[3]) for m in steps if m}
+    assert (by_step[6] + by_step[8]) / 2 == pytest.approx(records[1]["train_loss"], rel=1e-3)
+    best = max(records, key=lambda r: r["val"]["dice_mean"])
+    done = re.fullmatch(r"done: 24 steps in \S+, best dice_mean (\S+) at step (\d+)", lines[-1])
+    assert done and (float(done[1]), int(done[2])) == (pytest.approx(best["val"]["dice_mean"], rel=1e-3), best["step"])
+
+
+def test_plain_progress_every_interval_and_silent_when_disabled(tmp_path, capsys, monkeypatch):
+    from medtransfer.train import loop
+
+    monkeypatch.setattr(loop, "PROGRESS_INTERVAL_S", 0.0)  # every step is "30 s later"
+    model, loader, val, kwargs = make_run(2, max_steps=6, max_epochs=None, val_every=3, val_interval="step")
+    fit(model, loader, val, run_dir=tmp_path / "a", **{**kwargs, "progress": True})
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split()[1] for line in lines if " loss " in line and " val " not in line] == [
+        f"{i}/6" for i in range(1, 7)]
+    assert all(" epoch " in line and "/" not in line.split(" epoch ")[1].split()[0] for line in lines[:-1])
+    assert sum(" val loss " in line for line in lines) == 2 and lines[-1].startswith("done: 6 steps")
+    model, loader, val, kwargs = make_run(2, max_steps=6, max_epochs=None)
+    fit(model, loader, val, run_dir=tmp_path / "b", **kwargs)  # progress=False
+    assert capsys.readouterr().err == ""

@@ -134,3 +134,86 @@ def test_shape_errors_name_the_problem():
         ClassificationMetrics(3).update(torch.zeros(2, 2), torch.zeros(2))
     with pytest.raises(ValueError, match="target shape"):
         SegmentationMetrics(2).update(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 3))
+
+
+def _mann_whitney_auc(scores, labels) -> float:
+    """AUC as the Mann-Whitney U of the positives over P * N (scipy, exact float64 scores)."""
+    from scipy.stats import mannwhitneyu
+
+    scores, labels = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels).bool()
+    pos, neg = scores[labels].numpy(), scores[~labels].numpy()
+    return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+
+
+def test_binary_auc_ranks_confident_logits_without_float32_ties():
+    # float32 sigmoid(18) == sigmoid(20) == sigmoid(25) == 1.0: ranked as probabilities, AUC was 0.75
+    logits = torch.tensor([[20.0], [25.0], [18.0], [-1.0]])
+    target = torch.tensor([1, 1, 0, 0])
+    m = ClassificationMetrics(1)
+    m.update(logits, target)
+    assert m.compute()["auc_0"] == 1.0
+    assert _mann_whitney_auc(logits[:, 0], target) == 1.0
+
+
+def test_two_class_softmax_auc_is_symmetric_for_large_logits():
+    # margins of 40..70: float32 softmax gives p_0 == 1.0 to rows 0, 1, 2, 4, and float64 log_softmax gives
+    # exactly 0.0 to the winner; before, auc_0 was 5 / 9 (the ties) and auc_1 7 / 9
+    logits = torch.tensor([[30.0, -30.0], [35.0, -35.0], [25.0, -25.0], [-20.0, 20.0], [25.0, -20.0], [-1.0, 2.0]])
+    target = torch.tensor([0, 0, 1, 1, 1, 0])
+    m = ClassificationMetrics(2)
+    m.update(logits, target)
+    out = m.compute()
+    margin = logits[:, 0] - logits[:, 1]  # p_0 is monotone in it
+    # class 0 positives (margins 60, 70, -3) vs negatives (50, -40, 45): won 3 + 3 + 1 of 9 pairs
+    assert _mann_whitney_auc(margin, target == 0) == pytest.approx(7 / 9)
+    assert out["auc_0"] == pytest.approx(7 / 9, abs=1e-12)
+    assert out["auc_1"] == pytest.approx(7 / 9, abs=1e-12)
+    assert out["auc_0"] == out["auc_1"]
+    # the same cases split across two ranks and merged through state() give the same values
+    rank0, rank1 = ClassificationMetrics(2), ClassificationMetrics(2)
+    rank0.update(logits[:3], target[:3])
+    rank1.update(logits[3:], target[3:])
+    rank0.merge([rank1.state()])
+    assert rank0.compute() == out
+
+
+def test_three_class_auc_matches_mann_whitney_on_exact_log_odds():
+    logits = torch.tensor(
+        [[40.0, 1.0, 0.0], [45.0, 0.0, 2.0], [38.0, 3.0, 3.0], [0.0, 50.0, 1.0], [1.0, 0.0, 60.0], [42.0, 42.0, 0.0]]
+    )
+    target = torch.tensor([0, 1, 0, 1, 2, 2])
+    m = ClassificationMetrics(3)
+    m.update(logits, target)
+    out = m.compute()
+    x = logits.double()
+    for c in range(3):
+        rest = torch.cat([x[:, :c], x[:, c + 1 :]], dim=1)
+        exact = x[:, c] - torch.logsumexp(rest, dim=1)  # log(p_c / (1 - p_c))
+        assert out[f"auc_{c}"] == pytest.approx(_mann_whitney_auc(exact, target == c), abs=1e-12)
+    # class 0 by hand: positives 40 - log(e + 1) = 38.69 and 38 - log(2 e^3) = 34.31 against negatives
+    # 45 - log(1 + e^2) = 42.87, about -50, -59 and -e^-42: each positive beats 3 of the 4 -> 6 / 8 (float32
+    # softmax gave 1.0 to rows 0, 1, 2 and so 7 / 8)
+    assert out["auc_0"] == pytest.approx(6 / 8)
+
+
+def test_one_decision_rule_logit_above_zero_in_metrics_and_label_maps():
+    from medtransfer.train.inference import logits_to_labels
+
+    tiny = 1e-8  # float32 sigmoid(1e-8) == 0.5 exactly, so "sigmoid > 0.5" called it negative
+    assert float(torch.sigmoid(torch.tensor(tiny))) == 0.5
+    logits = torch.tensor([[tiny], [0.0], [-tiny]])
+    m = ClassificationMetrics(1)
+    m.update(logits, torch.tensor([1, 0, 0]))
+    assert m.compute()["accuracy"] == 1.0
+    wrong = ClassificationMetrics(1)
+    wrong.update(logits, torch.tensor([0, 1, 1]))
+    assert wrong.compute()["accuracy"] == 0.0
+    multi = ClassificationMetrics(2, multilabel=True)
+    multi.update(torch.tensor([[tiny, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    assert multi.compute()["accuracy"] == 1.0
+    # the same three logits as a one-channel segmentation: 1, 0, 0 in the label map and in the Dice
+    seg = logits.T.reshape(1, 1, 3)
+    assert logits_to_labels(seg).tolist() == [[1, 0, 0]]
+    sm = SegmentationMetrics(1)
+    sm.update(seg, torch.tensor([[1, 0, 0]]))
+    assert sm.compute()["dice_1"] == 1.0

@@ -331,7 +331,8 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
     """Run (or resume) the grid; returns the grid folder. Failed cells are recorded and the grid goes on.
 
     ``progress``: a live bar (for a terminal); ``echo``: called with one line per finished run and per pretraining
-    (for logs and pipes, where a bar cannot redraw)."""
+    (for logs and pipes, where a bar cannot redraw); with ``echo`` and no bar, each fine-tune and pretraining also
+    prints the training loop's plain progress lines on stderr."""
     from ..weights.io import atomic_write
     from .store import ResultStore, StoreError, shard_of
 
@@ -362,6 +363,7 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
         weights: dict[str, Union[bool, str]] = {}
         broken: dict[str, str] = {}  # init -> why its pretraining failed (not retried within this invocation)
         bar = _Bar(progress, len(todo), len(mine) - len(todo), echo)
+        lines = echo is not None and not progress  # a log: the training loop's plain progress lines go there too
         try:
             for rid in todo:
                 cell = by_id[rid]
@@ -377,11 +379,11 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
                         raise MedTransferError(f"the pretraining of init {name!r} failed: {broken[name]}")
                     if name not in weights:
                         try:
-                            weights[name] = _pretrained(cfg, inits[name], grid_dir, progress, echo)
+                            weights[name] = _pretrained(cfg, inits[name], grid_dir, progress or lines, echo)
                         except Exception as exc:  # noqa: BLE001 - recorded on every cell of the init
                             broken[name] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
                             raise
-                    result = run_cell(cfg, cell, weights[name], grid_dir)
+                    result = run_cell(cfg, cell, weights[name], grid_dir, progress=lines)
                 except (KeyboardInterrupt, SystemExit):
                     raise  # the row stays "running": the next run of the grid redoes it
                 except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the grid

@@ -6,7 +6,6 @@ the method's recipe is merged under the result and everything is validated befor
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,7 +69,7 @@ def register(app: typer.Typer) -> None:
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
         try:
-            run_dir = run_pretrain(cfg, resume=resume, progress=sys.stderr.isatty())
+            run_dir = run_pretrain(cfg, resume=resume, progress=True)  # a bar on a terminal, else plain lines
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
         typer.echo(str(run_dir / "pretrained.safetensors"))

@@ -40,10 +40,16 @@ Deviations from the published code (``pytorch/utils.py``), on purpose:
   blocks of one volume in one call (across the batch) share those permutations instead of each getting an
   independent ``np.random.shuffle``. Which voxels change, and from which block they read, is exact.
 - The Bezier curve is sampled at ``CURVE_SAMPLES`` points (published: 1e5), as a polyline, into a ``LUT_SIZE``-entry
-  uniform look-up table read at the nearest entry instead of ``np.interp`` over the raw samples (difference to the
-  published map: median about 2e-5, 99.9 % below 1e-3, largest about 2e-3, next to a vertical tangent of the
-  curve). Both coordinates of the curve are monotone for control values in [0, 1], so the published "sort x and y" /
-  "sort x only" equal "s ascending" / "y reversed" here.
+  uniform look-up table read at the nearest entry instead of ``np.interp`` over the raw samples. Measured against
+  the exact curve (``x(s) = v`` solved for ``s``; the published map is within 3e-9 of it), the table entries are
+  within about 1e-6, but the nearest-entry read moves the intensity by up to half a step (6.1e-5): over 16 million
+  random (curve, intensity) pairs (4,000 curves x 4,000 intensities, two seeds) the error has a median of 2e-5,
+  99.9 % of pairs are below 4e-4 and the largest was 5e-3 and 9e-3. The largest error of one curve over all
+  intensities has a median of 1.5e-4 and is below 4e-3 for 99 % of curves, but reached 4.4e-2 among 4,000 curves.
+  Those errors sit next to a vertical tangent of the curve (control ``a`` or ``1 - c`` near 0, intensities near 0
+  or 1), where the map's slope is unbounded. ``test_bezier_lut_error_against_the_exact_curve`` checks these
+  figures, with some margin, on 128 curves. Both coordinates of the curve are monotone for control values in
+  [0, 1], so the published "sort x and y" / "sort x only" equal "s ascending" / "y reversed" here.
 - Integer draws (block and box sides and corners) scale float32 uniforms (2**24 levels) instead of float64 ones.
 - A cube side below 10 has block sides of 1 (the published ``randint(1, dim // 10)`` fails there); cubes too small
   for the painting boxes raise a ValueError instead of failing inside ``randint``.
@@ -322,7 +328,8 @@ def _bezier_lut(controls: torch.Tensor, inverted: torch.Tensor, dtype: torch.dty
 
 
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """The nearest table entry per voxel, one int32 index_select (the table is fine enough to skip a lerp)."""
+    """The nearest table entry per voxel, one int32 index_select, no lerp (the error this costs, largest next to a
+    vertical tangent of the curve, is measured in the module docstring)."""
     n, size = lut.shape
     index = x.reshape(n, -1).mul(size - 1).add_(0.5).to(torch.int32)
     index.add_(torch.arange(0, n * size, size, device=x.device, dtype=torch.int32).view(-1, 1))

@@ -34,17 +34,25 @@ Deviations from the published code, on purpose:
   few voxels beyond the bracket (or counted, for ties at the view's extreme); a missed bracket falls back to
   ``torch.kthvalue``. The gamma power is computed as ``exp(gamma * log(z))`` (float32: within 2e-5 of the float64
   formula on [0, 1]).
-- A volume smaller than ``output_size`` on an axis is padded, centred, with its minimum value, instead of failing.
+- An axis of the volume shorter than ``output_size`` is padded, centred, with the volume's minimum before the crops
+  are drawn, so the views keep the volume's voxel size. The published ``random_resized_crop`` does not fail there
+  either but stretches: its crop of ``min(int(out * scale), size)`` voxels, at most the whole short axis, is zoomed
+  to ``output_size``. The two agree only where every axis is at least ``output_size``; to pretrain as published on
+  such data, choose a patch no larger than the smallest volume (or resample the volumes to reach the patch size).
 - Range convention: the adaptive contrast maps every view onto [0, 1]; gamma keeps that range; the inversion is
   ``1 - x`` on that range, applied to both views with probability ``invert_rate``. All three belong to the intensity
   step that runs for ``aug_mode`` 1 and 3 only; with ``aug_mode`` 0 or 2 the views keep the volume's intensities.
 
-The shuffle variant (:func:`fuse_shuffle`, our definition of "pastes shuffled blocks of patch1 into patch2"): the block
-grid and the ``floor(foreground_ratio * n_blocks)`` destination blocks are drawn exactly as in :func:`fuse`; a random
-permutation ``perm`` of the sample's grid blocks assigns each destination block ``j`` the source block ``perm[j]``;
-the fused volume is ``view2`` with the voxels of every destination block replaced by the voxels of ``view1``'s source
-block (same within-block position). Sources are distinct; a source may coincide with its destination (a fixed point
-of the permutation). The label is 1 on destination blocks and 0 elsewhere.
+The shuffle variant (:func:`fuse_shuffle`) is medtransfer's own, **not** the published ``VolumeFusionShuffle``.
+Both paste blocks of view 1, taken from shuffled grid positions, into view 2 on the grid of :func:`fuse`, with
+``floor(foreground_ratio * n_blocks)`` distinct destination blocks and distinct source blocks. The published
+transform then blends each pasted block like :func:`fuse` does, ``(k/K) * source + (1 - k/K) * destination`` with
+``k ~ U{1..K}`` (``cls_num``, default 5 -> K = 4), and labels it ``k``: ``K + 1`` classes {0..4}. medtransfer
+replaces the destination block's voxels by the source block's (the published ``k = K`` case only, no blending) and
+labels it 1: two classes {0, 1}, ``num_classes`` ignored. Here the destinations are drawn exactly as in
+:func:`fuse`, and a random permutation ``perm`` of the sample's grid blocks gives destination block ``j`` the
+source block ``perm[j]`` (same within-block position); a source may coincide with its destination (a fixed point
+of the permutation), as in the published pairing of two independent shuffles.
 """
 
 from __future__ import annotations
@@ -235,6 +243,8 @@ def fuse_shuffle(patch1: torch.Tensor, patch2: torch.Tensor, generator: torch.Ge
                  block_max: Sequence[int] = (32, 32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste ``floor(foreground_ratio * n_blocks)`` blocks of patch1, taken from shuffled grid positions, into patch2.
 
+    medtransfer's variant, not the published ``VolumeFusionShuffle`` (which blends each pasted block with a weight
+    ``k/K`` and labels it ``k`` in 1..K): here pasted blocks replace patch2's voxels whole and the label is binary.
     Same grid as :func:`fuse`; destination block ``j`` receives patch1's block ``perm[j]`` for a random permutation
     ``perm`` of the sample's blocks (see the module docstring). Returns ``(fused, label)``, label (N, 1, D, H, W)
     int64, 1 on pasted blocks and 0 elsewhere.
@@ -441,7 +451,8 @@ def crop_two_views(volume: torch.Tensor, output_size: Sequence[int], generator: 
     trilinear resize to output_size. aug_mode >= 2: flip per axis with p flip_rate. aug_mode 1 or 3: adaptive contrast
     (p0 ~ U(contrast_low), p1 ~ U(contrast_high) percent) onto [0, 1], gamma ~ U(gamma) on min-max-scaled values with
     the range restored, and with p invert_rate both views become 1 - x. An axis shorter than output_size is first
-    padded (centred, with the volume's minimum). Returns two tensors of the volume's dtype on its device; the
+    padded (centred, with the volume's minimum), where the published code stretches it to output_size (see the
+    module docstring). Returns two tensors of the volume's dtype on its device; the
     generator, if given, must live on that device.
     """
     out, _ = _crop_two_views(volume, output_size, generator, scale, aug_mode, flip_rate, contrast_low,

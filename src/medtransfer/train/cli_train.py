@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
         try:
-            run_dir = run_finetune(cfg, resume=resume, progress=sys.stderr.isatty())
+            run_dir = run_finetune(cfg, resume=resume, progress=True)  # a bar on a terminal, else plain lines
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
         typer.echo(str(run_dir))

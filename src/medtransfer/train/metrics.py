@@ -7,21 +7,25 @@ Segmentation states are sums, so ``torch.distributed.all_reduce`` on each state 
 
 Conventions (documented choices, with the seed system they follow, see ``spec/seed-systems.md``):
 
-* Segmentation predictions are ``argmax`` over classes, or ``sigmoid > 0.5`` (logit > 0) for one channel, whose
-  foreground is then class 1. Dice and IoU are computed **per case and per class**, then averaged over cases
-  (MedicalNet 1c averages per-class Dice over the test list; BenchmarkTransferLearning's "mean per-image Dice" 5c).
+* Segmentation predictions are ``argmax`` over classes, or ``logit > 0`` for one channel (the same rule as
+  :func:`medtransfer.train.inference.logits_to_labels`; a float32 ``sigmoid > 0.5`` would call logits in (0, 1e-7)
+  negative), whose foreground is then class 1. Dice and IoU are computed **per case and per class**, then
+  averaged over cases (MedicalNet 1c averages per-class Dice over the test list; BenchmarkTransferLearning's
+  "mean per-image Dice" 5c).
   A case where a class is absent from both prediction and target has no Dice for that class: it is left out of
   that class's mean (not counted as 1). ``dice_mean``/``iou_mean`` average over the foreground classes (MedicalNet
   skips class 0). ``dice_global_mean`` pools voxel counts over all cases (BenchmarkTransferLearning's global Dice).
 * HD95 (optional, slow): MONAI ``compute_hausdorff_distance`` with percentile 95, in millimetres when ``spacing``
   is given. A case where the class is empty in the prediction *or* the target is skipped for that class (MONAI
   would return inf/NaN), and counted in ``hd95_skipped_<c>``. A class with no measurable case reports NaN.
-* Classification: ``accuracy`` is argmax accuracy (single-label) or the fraction of correct 0.5-threshold decisions
-  over all (case, class) entries (multi-label). ROC-AUC per class (one-vs-rest on softmax for single-label),
-  computed from the Mann-Whitney rank statistic with tied scores given their mean rank (identical to sklearn's
-  ``roc_auc_score``). A class whose targets are all one value has no AUC: NaN, left out of ``auc_mean``
-  (BenchmarkTransferLearning 5c averages per-class AUC). Multi-label targets < 0 (CheXpert uncertain) are left
-  out of that class's AUC and accuracy.
+* Classification: ``accuracy`` is argmax accuracy (single-label) or the fraction of correct ``logit > 0`` decisions
+  over all (case, class) entries (multi-label). ROC-AUC per class, computed from the Mann-Whitney rank statistic
+  with tied scores given their mean rank (identical to sklearn's ``roc_auc_score`` on the same scores). The scores
+  ranked are the float64 logits (multi-label/binary; the sigmoid is monotone) or the one-vs-rest log-odds of the
+  softmax (single-label, :func:`one_vs_rest_log_odds`), never float32 probabilities, which round to 1.0 past a
+  logit of ~16.7 and tie confident cases. A class whose targets are all one value has no AUC: NaN, left out of
+  ``auc_mean`` (BenchmarkTransferLearning 5c averages per-class AUC). Multi-label targets < 0 (CheXpert
+  uncertain) are left out of that class's AUC and accuracy.
 """
 
 from __future__ import annotations
@@ -33,7 +37,14 @@ from typing import Iterable
 import numpy as np
 import torch
 
-__all__ = ["SegmentationMetrics", "ClassificationMetrics", "roc_auc", "metric_for", "build_metrics"]
+__all__ = [
+    "SegmentationMetrics",
+    "ClassificationMetrics",
+    "roc_auc",
+    "one_vs_rest_log_odds",
+    "metric_for",
+    "build_metrics",
+]
 
 
 def metric_for(task: str, *, multilabel: bool = False) -> tuple[str, str]:
@@ -77,6 +88,17 @@ def roc_auc(scores, targets) -> float:
         return float("nan")
     ranks = _mean_ranks(s)
     return float((ranks[t].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def one_vs_rest_log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """``log(p_c / (1 - p_c))`` of the softmax of ``logits`` (N, C), C >= 2, in float64: ``x_c - logsumexp`` of
+    the other logits. It orders cases as ``p_c`` does and, unlike ``log_softmax`` (which reaches exactly 0 for the
+    top class once it leads by ~37 even in float64), does not saturate; for two classes it is ``x_0 - x_1`` and its
+    negation, so ``auc_0 == auc_1``."""
+    x = logits.double()
+    k = x.shape[1]
+    others = x.unsqueeze(1).expand(-1, k, -1).masked_fill(torch.eye(k, dtype=torch.bool), float("-inf"))
+    return x - torch.logsumexp(others, dim=2)
 
 
 def _seg_labels(logits: torch.Tensor) -> torch.Tensor:
@@ -207,54 +229,58 @@ class ClassificationMetrics:
         self.reset()
 
     def reset(self) -> None:
-        self._scores: list[torch.Tensor] = []
+        self._logits: list[torch.Tensor] = []
         self._targets: list[torch.Tensor] = []
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """``logits`` (N, C); ``target`` class indices (N,) or 0/1 (-1 uncertain) floats (N, C)."""
-        logits = logits.detach().float().cpu()
+        # float64 logits, not probabilities: a float32 sigmoid/softmax rounds to 1.0 past a logit of ~16.7 and
+        # would tie confident scores in the AUC ranking
+        logits = logits.detach().cpu().double()
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"logits must be (N, {self.num_classes}), got {tuple(logits.shape)}")
         target = target.detach().cpu()
         if self.multilabel:
             if target.ndim == 1 and self.num_classes == 1:
                 target = target.unsqueeze(1)
-            scores = torch.sigmoid(logits)
             target = target.float()
         else:
-            scores = torch.softmax(logits, dim=1)
             target = target.long()
         expected = logits.shape if self.multilabel else logits.shape[:1]
         if target.shape != expected:
             raise ValueError(f"target shape {tuple(target.shape)} does not fit logits {tuple(logits.shape)}")
-        self._scores.append(scores)
+        self._logits.append(logits)
         self._targets.append(target)
 
     def state(self) -> dict[str, torch.Tensor]:
         empty_t = torch.zeros((0, self.num_classes) if self.multilabel else (0,))
+        empty_l = torch.zeros(0, self.num_classes, dtype=torch.float64)
         return {
-            "scores": torch.cat(self._scores) if self._scores else torch.zeros(0, self.num_classes),
+            "logits": torch.cat(self._logits) if self._logits else empty_l,
             "targets": torch.cat(self._targets) if self._targets else empty_t,
         }
 
     def merge(self, states: Iterable[dict[str, torch.Tensor]]) -> None:
-        """Append other ranks' scores and targets to this one's."""
+        """Append other ranks' logits and targets to this one's."""
         for other in states:
-            self._scores.append(other["scores"].cpu())
+            self._logits.append(other["logits"].cpu().double())
             self._targets.append(other["targets"].cpu())
 
     def compute(self) -> dict[str, float]:
         st = self.state()
-        scores, targets = st["scores"].numpy(), st["targets"].numpy()
+        logits, targets = st["logits"], st["targets"].numpy()
         out: dict[str, float] = {}
         if self.multilabel:
+            # the sigmoid is monotone: rank the logits themselves; decide positive where logit > 0
+            scores = logits.numpy()
             valid = targets >= 0
-            correct = ((scores > 0.5) == (targets > 0.5)) & valid
+            correct = ((scores > 0) == (targets > 0.5)) & valid
             out["accuracy"] = float(correct.sum() / valid.sum()) if valid.any() else float("nan")
             aucs = [roc_auc(scores[valid[:, c], c], targets[valid[:, c], c]) for c in range(self.num_classes)]
         else:
+            scores = one_vs_rest_log_odds(logits).numpy()
             n = len(targets)
-            out["accuracy"] = float((scores.argmax(1) == targets).mean()) if n else float("nan")
+            out["accuracy"] = float((logits.argmax(1).numpy() == targets).mean()) if n else float("nan")
             aucs = [roc_auc(scores[:, c], targets == c) for c in range(self.num_classes)]
         for c, a in enumerate(aucs):
             out[f"auc_{c}"] = a

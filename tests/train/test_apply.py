@@ -176,6 +176,8 @@ def test_inference_options_come_from_the_config_then_the_call(run):
     assert apply.inference_options(cfg, overlap=0.0, window_size=[8, 16, 16])["window_size"] == (8, 16, 16)
     with pytest.raises(MedTransferError, match="overlap"):
         apply.inference_options(cfg, overlap=1.0)
+    with pytest.raises(MedTransferError, match=r"window \[16, 16\] has 2 axes; the run is 3D"):
+        apply.inference_options(cfg, 3, window_size=[16, 16])
     old = json.loads(json.dumps(cfg.model_dump(mode="json")))
     del old["inference"]  # a config.yaml written before the section existed
     assert validate(old).inference.batch_size == 4

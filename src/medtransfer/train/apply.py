@@ -53,16 +53,21 @@ def _load_run(run_dir: Path):
     return cfg, run, model
 
 
-def inference_options(cfg, **overrides: Any) -> dict[str, Any]:
+def inference_options(cfg, dims: Optional[int] = None, **overrides: Any) -> dict[str, Any]:
     """The run's ``inference`` section with the given non-None ``overrides`` (window_size, overlap, batch_size,
-    memory_gb) on top, validated like the config."""
+    memory_gb) on top, validated like the config; a window must have ``dims`` axes when given."""
     from .config import InferenceConfig
 
     data = {**cfg.inference.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
     try:
-        return InferenceConfig.model_validate(data).model_dump()
+        options = InferenceConfig.model_validate(data).model_dump()
     except ValueError as err:
         raise MedTransferError(f"inference options: {err}") from None
+    window = options["window_size"]
+    if dims is not None and window is not None and len(window) != dims:
+        raise MedTransferError(f"inference window {list(window)} has {len(window)} axes; the run is {dims}D: give "
+                               f"{dims} sizes (--window or inference.window_size)")
+    return options
 
 
 def _case_logits(model, image: np.ndarray, run: dict[str, Any], options: Optional[dict[str, Any]] = None):
@@ -154,8 +159,8 @@ def evaluate(
     if grid not in GRIDS:
         raise MedTransferError(f"grid: choose original or prepared, got {grid!r}")
     cfg, run, model = _load_run(run_dir)
-    options = inference_options(cfg, window_size=window_size, overlap=overlap, batch_size=batch_size,
-                                memory_gb=memory_gb)
+    options = inference_options(cfg, run["spatial_dims"], window_size=window_size, overlap=overlap,
+                                batch_size=batch_size, memory_gb=memory_gb)
     if data_path is None:
         out = _evaluation_dir(run_dir, None, split, overwrite)
         cache = PreparedCache(run["cache"])
@@ -251,8 +256,8 @@ def predict(
     cfg, run, model = _load_run(Path(run_dir))
     if run["task"] != "segmentation":
         raise MedTransferError(f"predict writes label maps; the run at {run_dir} is a {run['task']} run")
-    options = inference_options(cfg, window_size=window_size, overlap=overlap, batch_size=batch_size,
-                                memory_gb=memory_gb)
+    options = inference_options(cfg, run["spatial_dims"], window_size=window_size, overlap=overlap,
+                                batch_size=batch_size, memory_gb=memory_gb)
     pipeline = Pipeline.from_dict(run["pipeline"])
     out_dir = Path(out_dir)
     paths = list(map(Path, inputs))
@@ -260,9 +265,9 @@ def predict(
     for path in paths:  # every input checked (header only where the format allows) before anything is written
         shape = read_header(path)[0]
         if len(shape) != want:
-            raise MedTransferError(
-                f"{path}: a {len(shape)}D image (shape {shape}), but the run at {run_dir} is a {want}D model; give "
-                f"it {want}D images" + (" (a DICOM series folder or a volume file, not one slice)" if want == 3 else ""))
+            hint = " (a DICOM series folder or a volume file, not one slice)" if want == 3 else ""
+            raise MedTransferError(f"{path}: a {len(shape)}D image (shape {shape}), but the run at {run_dir} is a "
+                                   f"{want}D model; give it {want}D images{hint}")
     written = []
     for i, path in enumerate(paths, 1):
         started = time.perf_counter()

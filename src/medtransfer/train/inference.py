@@ -247,7 +247,8 @@ def predict_case(
                 return sliding_window_predict(model, image, patch_size=None, divisor=divisor, device=device), "whole"
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
-                log.warning("whole-volume pass ran out of CUDA memory (estimated %.1f GiB); using windows", need / 2**30)
+                log.warning("whole-volume pass ran out of CUDA memory (estimated %.1f GiB); using windows",
+                            need / 2**30)
         else:
             log.info("whole volume needs about %.1f GiB > budget %.1f GiB; using windows", need / 2**30, budget / 2**30)
     logits = sliding_window_predict(model, image, patch_size=window, overlap=overlap, sw_batch_size=batch_size,

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import DataError
+from .preprocess import uncrop
 from .types import Image
 
 GEOMETRIC_STEPS = ("reorient", "resample", "crop_foreground")
@@ -125,9 +126,7 @@ def _channel_back(values: np.ndarray, prepared: Grid, chain, fill: float, target
     for step, before, after, rec in chain:
         if step != "crop_foreground":
             continue  # grid-only steps are folded into the next world-coordinate map
-        data = resample_to(data, at, after)
-        pads = [(a, s - b) for (a, b), s in zip(rec["box"], rec["shape_before"])]
-        data, at = np.pad(data, pads, mode="constant", constant_values=fill), before
+        data, at = uncrop(resample_to(data, at, after), rec, value=fill), before
     return resample_to(data, at, target)
 
 

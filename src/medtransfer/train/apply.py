@@ -122,6 +122,12 @@ def _evaluation_dir(run_dir: Path, dataset_name: Optional[str], split: str, over
     return out
 
 
+def _add_once(values: list, spacing) -> None:
+    spacing = [float(v) for v in spacing]
+    if spacing not in values:
+        values.append(spacing)
+
+
 def _original_label(meta: dict[str, Any], case_id: str) -> np.ndarray:
     from ..data.io import read_image
 
@@ -191,19 +197,16 @@ def evaluate(
                         f"case {case_id!r}: the label file {meta['source_label']} has shape {target_np.shape}, the "
                         f"image it was prepared with {pred.shape}; the label must be drawn on the image's grid")
                 scores = _one_hot(pred, logits.shape[1])
-                spacing = original_grid(prepared, meta.get("preprocess", [])).spacing
+                _add_once(spacings["original"], original_grid(prepared, meta.get("preprocess", [])).spacing)
             else:
                 scores = logits
                 target_np = np.asarray(label).reshape(logits.shape[2:])
-                spacing = tuple(meta["spacing"])
+            _add_once(spacings["prepared"], meta["spacing"])
             target = torch.from_numpy(np.asarray(target_np, dtype=np.int64))[None]
             one = build_metrics(task, num_classes=k)
             one.update(scores, target)
             total.update(scores, target)
             rows.append({"case_id": case_id, **one.compute()})
-            for key, value in (("original", spacing if grid == "original" else None), ("prepared", meta["spacing"])):
-                if value is not None and list(value) not in spacings[key]:
-                    spacings[key].append(list(map(float, value)))
         else:
             arr = np.asarray(image, dtype=np.float32)
             arr = centre_fit(arr if arr.ndim > run["spatial_dims"] else arr[None], run["patch_size"])

@@ -14,7 +14,7 @@ the run's default inference options (whole volume when the activation estimate f
 
 Target: ``evaluate_cached`` within 2x of ``forward``.
 
-    python benchmarks/inference.py                   # ~2 min on 2 cores
+    python benchmarks/inference.py                   # ~2 min on 2 cores (~6 min with --windows)
     python benchmarks/inference.py --depth 32 --windows
 
 Prints a table and writes JSON (default ``benchmarks/results/inference-cpu.json``, atomically).

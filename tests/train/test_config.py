@@ -139,7 +139,7 @@ def test_override_errors():
     with pytest.raises(MedTransferError) as info:
         apply_overrides(cfg, ["optim.lrr=1"])
     assert "override 'optim.lrr': unknown key 'lrr' (did you mean 'lr'?); valid keys under optim: betas" in str(info.value)
-    with pytest.raises(MedTransferError, match="valid keys under the top level: data, loss, model"):
+    with pytest.raises(MedTransferError, match="valid keys under the top level: data, inference, loss, model"):
         apply_overrides(cfg, ["optimizer.lr=1"])
     with pytest.raises(MedTransferError, match="expected key=value"):
         apply_overrides(cfg, ["optim.lr"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import medtransfer as mt
@@ -122,3 +123,54 @@ def test_zoo_model_runs_through_the_sliding_window():
     image = Image(array=x[0, 0].numpy(), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
     pred = predict_volume(model, image, patch_size=(16, 32, 32), overlap=0.25)
     assert pred.array.shape == (24, 40, 40) and set(np.unique(pred.array)) <= {0, 1}
+
+
+def test_activation_estimate_of_a_pointwise_conv_is_exact():
+    from medtransfer.train.inference import activation_bytes
+
+    model = _pointwise(3, in_ch=1, out_ch=2)  # one leaf: 2 float32 outputs per voxel, plus the 1-channel input
+    assert activation_bytes(model, (1, 1, 10, 12, 13)) == 12 * 10 * 12 * 13
+    assert activation_bytes(model, (2, 1, 10, 12, 13), divisor=8) == 12 * 2 * 16 * 16 * 16  # padded, batch 2
+
+
+def test_predict_case_runs_the_whole_volume_when_it_fits_else_windows(caplog):
+    from medtransfer.train.inference import activation_bytes, predict_case
+
+    torch.manual_seed(0)
+    model, x = NeedsMultipleOf8(), torch.randn(1, 1, 20, 24, 28)
+    direct = model(F.pad(x, (0, 4, 0, 0, 0, 4))).detach()[..., :20, :24, :28]
+    assert activation_bytes(model, x.shape, divisor=8) == 12 * 24 * 24 * 32  # measured once, on a 16^3 probe
+    calls = len(model.modes)
+    whole, how = predict_case(model, x, window=(8, 8, 8), divisor=8, memory_gb=1.0)
+    assert how == "whole" and len(model.modes) == calls + 1  # one forward pass
+    torch.testing.assert_close(whole, direct, atol=1e-5, rtol=1e-5)
+    calls = len(model.modes)
+    windows, how = predict_case(model, x, window=(8, 8, 8), overlap=0.0, batch_size=2, divisor=8, memory_gb=0)
+    assert how == "windows" and len(model.modes) - calls == 3 * 3 * 4 / 2  # 36 windows, 2 per pass
+    torch.testing.assert_close(windows, direct, atol=1e-5, rtol=1e-5)
+    with caplog.at_level("INFO", logger="medtransfer.train.inference"):
+        _, how = predict_case(model, x, window=(8, 8, 8), divisor=8, memory_gb=1e-6)  # 1 KiB: too small
+    assert how == "windows" and "budget" in caplog.text
+
+
+class OutOfMemoryOnLargeInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = _pointwise(3)
+
+    def forward(self, x):
+        if x.shape[2:].numel() > 16**3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.conv(x)
+
+
+def test_whole_volume_out_of_memory_falls_back_to_windows(caplog):
+    from medtransfer.train.inference import activation_bytes, predict_case
+
+    torch.manual_seed(0)
+    model, x = OutOfMemoryOnLargeInputs(), torch.randn(1, 1, 24, 24, 24)
+    activation_bytes(model, x.shape)  # measured on a 16^3 probe, which fits
+    with caplog.at_level("WARNING"):
+        out, how = predict_case(model, x, window=(8, 8, 8), overlap=0.5, memory_gb=1.0)
+    assert how == "windows" and "out of CUDA memory" in caplog.text
+    torch.testing.assert_close(out, model.conv(x).detach(), atol=1e-5, rtol=1e-5)

@@ -64,18 +64,45 @@ def register(app: typer.Typer) -> None:
             _fail(exc)
         typer.echo(str(run_dir))
 
+    window_opt = typer.Option(None, "--window", help="Sliding-window size, e.g. 32,128,128 (default: the run's "
+                              "inference.window_size, else its training patch).")
+    overlap_opt = typer.Option(None, "--overlap", help="Window overlap in [0, 1) (default: the run's, 0.5).")
+    batch_opt = typer.Option(None, "--window-batch", help="Windows per forward pass (default: the run's, 4).")
+    memory_opt = typer.Option(None, "--memory-gb", help="Memory budget for one whole-volume pass; 0: always "
+                              "windows (default: the run's, else 80 percent of free CUDA memory or half the free RAM).")
+
+    def _window(text: Optional[str]) -> Optional[list[int]]:
+        if text is None:
+            return None
+        try:
+            return [int(v) for v in text.replace("x", ",").split(",")]
+        except ValueError:
+            from ..errors import MedTransferError
+
+            _fail(MedTransferError(f"--window: give integers separated by commas, e.g. 32,128,128; got {text!r}"))
+
     @app.command()
     def evaluate(
         run_dir: Path = typer.Argument(..., help="A finetune run folder."),
-        data: Optional[Path] = typer.Option(None, "--data", help="Another dataset (default: the run's)."),
+        data: Optional[Path] = typer.Option(None, "--data", help="Another dataset (default: the run's); scored into "
+                                            "RUN_DIR/evaluation-<dataset name>."),
         split: str = typer.Option("val", "--split", help="val, test or all (the run's data only)."),
+        grid: str = typer.Option("original", "--grid", help="Score segmentation on the original label grid "
+                                 "(probabilities mapped back) or on the prepared (resampled) grid."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier evaluation in the same folder."),
+        window: Optional[str] = window_opt,
+        overlap: Optional[float] = overlap_opt,
+        window_batch: Optional[int] = batch_opt,
+        memory_gb: Optional[float] = memory_opt,
     ) -> None:
-        """Score the best checkpoint on whole cases; writes evaluation/cases.csv and summary.json."""
+        """Score the best checkpoint on whole cases; writes cases.csv and summary.json into RUN_DIR/evaluation
+        (val split), RUN_DIR/evaluation-<split> or RUN_DIR/evaluation-<dataset name>."""
         from ..errors import MedTransferError
-        from .finetune import evaluate as run_evaluate
+        from .apply import evaluate as run_evaluate
 
         try:
-            out = run_evaluate(run_dir, data, split=split)
+            out = run_evaluate(run_dir, data, split=split, grid=grid, overwrite=overwrite, window_size=_window(window),
+                               overlap=overlap, batch_size=window_batch, memory_gb=memory_gb)
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
         typer.echo(str(out))
@@ -85,13 +112,20 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Argument(..., help="A segmentation finetune run folder."),
         inputs: list[Path] = typer.Argument(..., help="Images to segment."),
         out: Optional[Path] = typer.Option(None, "--out", help="Folder for the label maps (default: RUN_DIR/predictions)."),
+        window: Optional[str] = window_opt,
+        overlap: Optional[float] = overlap_opt,
+        window_batch: Optional[int] = batch_opt,
+        memory_gb: Optional[float] = memory_opt,
     ) -> None:
-        """Write a NIfTI label map per input, on the input's grid."""
+        """Write a NIfTI label map per input, on the input's grid (class probabilities mapped back by world
+        coordinates, then the argmax)."""
         from ..errors import MedTransferError
-        from .finetune import predict as run_predict
+        from .apply import predict as run_predict
 
         try:
-            paths = run_predict(run_dir, inputs, out if out is not None else run_dir / "predictions")
+            paths = run_predict(run_dir, inputs, out if out is not None else run_dir / "predictions",
+                                window_size=_window(window), overlap=overlap, batch_size=window_batch,
+                                memory_gb=memory_gb)
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
         for p in paths:

@@ -220,6 +220,25 @@ class LossConfig(_Section):
         return name
 
 
+class InferenceConfig(_Section):
+    """Whole-case inference (``evaluate``, ``predict``). The whole volume goes through the network in one pass when
+    its estimated activation memory fits ``memory_gb`` (see ``train.apply.fits_in_memory``); otherwise windows of
+    ``window_size`` (None: the training patch) with ``overlap`` and ``batch_size`` windows per forward pass.
+    ``memory_gb`` None: 80% of free CUDA memory, or half of the available RAM on CPU; 0: always windows."""
+
+    window_size: Optional[tuple[int, ...]] = None
+    overlap: float = Field(0.5, ge=0, lt=1)
+    batch_size: int = Field(4, gt=0)
+    memory_gb: Optional[float] = Field(None, ge=0)
+
+    @field_validator("window_size")
+    @classmethod
+    def _positive(cls, value: Optional[tuple[int, ...]]) -> Optional[tuple[int, ...]]:
+        if value is not None and (len(value) not in (2, 3) or any(v < 1 for v in value)):
+            raise ValueError(f"window_size must be 2 or 3 positive ints (one per spatial axis), got {list(value)}")
+        return value
+
+
 class FinetuneConfig(_Section):
     """A whole fine-tuning run."""
 
@@ -229,6 +248,7 @@ class FinetuneConfig(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
     recipe: Optional[str] = None  # a preset of .recipes, merged under these values
     out: Path = Path("runs/finetune")
 

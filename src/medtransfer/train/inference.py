@@ -9,6 +9,8 @@ network sees least context, count least.
 from __future__ import annotations
 
 import contextlib
+import logging
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +21,11 @@ from torch import nn
 
 from medtransfer.data.types import Image
 
-__all__ = ["sliding_window_predict", "predict_volume", "logits_to_labels"]
+__all__ = ["sliding_window_predict", "predict_volume", "logits_to_labels", "predict_case", "activation_bytes",
+           "memory_budget"]
+
+log = logging.getLogger(__name__)
+_BYTES_PER_VOXEL: "weakref.WeakKeyDictionary[nn.Module, float]" = weakref.WeakKeyDictionary()
 
 
 def _as_tuple(value: int | Sequence[int] | None, dims: int, name: str) -> tuple[int, ...] | None:
@@ -150,3 +156,101 @@ def predict_volume(
         path=None,
         meta=dict(image.meta),
     )
+
+
+def _tensor_bytes(output) -> int:
+    if torch.is_tensor(output):
+        return output.numel() * output.element_size()
+    if isinstance(output, (list, tuple)):
+        return sum(_tensor_bytes(o) for o in output)
+    return 0
+
+
+def activation_bytes(model: nn.Module, shape: Sequence[int], divisor: int | Sequence[int] | None = None) -> int:
+    """Estimated memory (bytes) of one forward pass over an input of ``shape`` ``(N, C, *spatial)``.
+
+    Measured once per model on a small probe input (twice the divisor per axis, at least 16 voxels): the bytes of
+    the outputs of every leaf module, summed, per input voxel, times the (divisor-padded) voxels of ``shape``. Summing
+    every layer's output counts memory as if nothing were freed during the pass, so it over-estimates: for
+    ``genesis_unet3d`` it gives 4268 bytes per voxel, where the peak resident memory of a 32x256x256 pass on CPU grew
+    by 2155 bytes per voxel (``benchmarks/inference.py`` records both)."""
+    dims = len(shape) - 2
+    div = _as_tuple(divisor, dims, "divisor") or (1,) * dims
+    padded = [-(-int(s) // d) * d for s, d in zip(shape[2:], div)]
+    per_voxel = _BYTES_PER_VOXEL.get(model)
+    if per_voxel is None:
+        probe = tuple(max(16, 2 * d) // d * d for d in div)
+        total = [0]
+
+        def hook(_module, _inputs, output):
+            total[0] += _tensor_bytes(output)
+
+        param = next(model.parameters(), None)
+        x = torch.zeros(1, int(shape[1]), *probe, device=param.device if param is not None else "cpu")
+        leaves = [m for m in model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
+        per_voxel = (total[0] + x.numel() * 4) / float(np.prod(probe))
+        _BYTES_PER_VOXEL[model] = per_voxel
+    return int(per_voxel * int(shape[0]) * float(np.prod(padded)))
+
+
+def memory_budget(memory_gb: float | None, device: torch.device | str) -> int:
+    """Bytes a whole-volume pass may use: ``memory_gb`` when given, else 80% of the free memory of a CUDA device,
+    or half of the available RAM (``MemAvailable`` of /proc/meminfo, 4 GiB where it cannot be read) on CPU."""
+    if memory_gb is not None:
+        return int(memory_gb * 2**30)
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(0.8 * free)
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return 4 * 2**30
+
+
+def predict_case(
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    window: int | Sequence[int] | None,
+    overlap: float = 0.5,
+    batch_size: int = 4,
+    divisor: int | Sequence[int] | None = None,
+    memory_gb: float | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, str]:
+    """Logits over ``image`` ``(N, C, *spatial)``, and how they were computed (``"whole"`` or ``"windows"``).
+
+    One forward pass over the whole (divisor-padded) image when :func:`activation_bytes` fits
+    :func:`memory_budget` (``memory_gb=0``: never), since overlapping windows repeat work (overlap 0.5 in 3D runs up
+    to 8 times the voxels); a CUDA out-of-memory error in that pass falls back to windows. Otherwise
+    :func:`sliding_window_predict` with ``window`` (``None``: the whole image), ``overlap`` and ``batch_size``."""
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else image.device
+    if memory_gb != 0:
+        need, budget = activation_bytes(model, image.shape, divisor), memory_budget(memory_gb, device)
+        if need <= budget:
+            try:
+                return sliding_window_predict(model, image, patch_size=None, divisor=divisor, device=device), "whole"
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                log.warning("whole-volume pass ran out of CUDA memory (estimated %.1f GiB); using windows",
+                            need / 2**30)
+        else:
+            log.info("whole volume needs about %.1f GiB > budget %.1f GiB; using windows", need / 2**30, budget / 2**30)
+    logits = sliding_window_predict(model, image, patch_size=window, overlap=overlap, sw_batch_size=batch_size,
+                                    divisor=divisor, device=device)
+    return logits, "windows"

@@ -1,0 +1,284 @@
+"""A trained run applied to whole cases: :func:`evaluate` scores it, :func:`predict` writes label maps.
+
+Prediction geometry: the model sees the prepared image (the run's pipeline); its class probabilities (softmax, or
+sigmoid for one channel) are moved back onto the grid of the input by world coordinates, undoing every geometric
+step recorded in ``meta["preprocess"]`` (:mod:`medtransfer.data.geometry`), and only then turned into labels.
+``evaluate`` scores those labels against the original label file (``grid="original"``, the default), or the
+network's labels against the prepared label (``grid="prepared"``); ``summary.json`` says which.
+
+Inference options (window size, overlap, window batch, memory budget) come from the run's ``inference`` config
+section (defaults for runs made before it existed), each overridable per call; see
+:func:`medtransfer.train.inference.predict_case` for when the whole volume runs in one pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import MedTransferError
+
+log = logging.getLogger(__name__)
+
+GRIDS = ("original", "prepared")
+
+
+def _load_run(run_dir: Path):
+    from .config import load_config
+    from .finetune import _build_model
+
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "run.json"):
+        if not (run_dir / name).is_file():
+            raise MedTransferError(f"{run_dir}: not a fine-tuning run folder (no {name})")
+    cfg = load_config(run_dir / "config.yaml")
+    run = json.loads((run_dir / "run.json").read_text())
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    if not ckpt.is_file():
+        ckpt = run_dir / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        raise MedTransferError(f"{run_dir}: no checkpoints/best.pt (or last.pt); the run has not saved a model yet")
+    model = _build_model(run, cfg, False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return cfg, run, model
+
+
+def inference_options(cfg, dims: Optional[int] = None, **overrides: Any) -> dict[str, Any]:
+    """The run's ``inference`` section with the given non-None ``overrides`` (window_size, overlap, batch_size,
+    memory_gb) on top, validated like the config; a window must have ``dims`` axes when given."""
+    from .config import InferenceConfig
+
+    data = {**cfg.inference.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        options = InferenceConfig.model_validate(data).model_dump()
+    except ValueError as err:
+        raise MedTransferError(f"inference options: {err}") from None
+    window = options["window_size"]
+    if dims is not None and window is not None and len(window) != dims:
+        raise MedTransferError(f"inference window {list(window)} has {len(window)} axes; the run is {dims}D: give "
+                               f"{dims} sizes (--window or inference.window_size)")
+    return options
+
+
+def _case_logits(model, image: np.ndarray, run: dict[str, Any], options: Optional[dict[str, Any]] = None):
+    """Logits ``(1, C, *spatial)`` of one prepared case; ``options`` as :func:`inference_options` returns."""
+    from .inference import predict_case
+
+    options = options or {}
+    arr = np.array(image, dtype=np.float32)  # a copy: a cached case is a read-only memmap
+    if arr.ndim == run["spatial_dims"]:
+        arr = arr[None]
+    x = torch.from_numpy(np.ascontiguousarray(arr))[None]
+    window = options.get("window_size") or run["patch_size"]
+    logits, how = predict_case(model, x, window=window, overlap=options.get("overlap", 0.5),
+                               batch_size=options.get("batch_size", 4), divisor=run["divisor"],
+                               memory_gb=options.get("memory_gb"))
+    log.debug("case of shape %s: %s", tuple(x.shape[2:]), how)
+    return logits
+
+
+def probabilities(logits: torch.Tensor) -> np.ndarray:
+    """Class probabilities ``(C, *spatial)`` of one case's logits ``(1, C, *spatial)``: softmax, or sigmoid for one
+    channel, so that ``p > 0.5`` and the argmax give the labels the logits give."""
+    p = torch.sigmoid(logits[0]) if logits.shape[1] == 1 else torch.softmax(logits[0], dim=0)
+    return p.cpu().numpy()
+
+
+def _one_hot(labels: np.ndarray, channels: int) -> torch.Tensor:
+    """Labels as ``(1, C, *spatial)`` scores that the segmentation metrics turn back into the same labels."""
+    t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    if channels == 1:
+        return (t > 0).to(torch.float32)[None, None] * 2 - 1
+    return torch.nn.functional.one_hot(t, channels).to(torch.uint8).movedim(-1, 0)[None]
+
+
+def _progress(what: str, i: int, n: int, case: str, started: float, how: str = "") -> None:
+    # one plain line per case on stderr, so logs of long jobs (SLURM, nohup) show where they are
+    print(f"{what} {i}/{n} {case}: {time.perf_counter() - started:.1f} s{how}", file=sys.stderr, flush=True)
+
+
+def _evaluation_dir(run_dir: Path, dataset_name: Optional[str], split: str, overwrite: bool) -> Path:
+    """``RUN/evaluation`` (the run's val split), ``RUN/evaluation-<split>`` (its test/all split) or
+    ``RUN/evaluation-<dataset name>`` (``--data``); an existing evaluation is refused unless ``overwrite``."""
+    from ..data.cache import _safe_name
+
+    if dataset_name is not None:
+        name = f"evaluation-{_safe_name(dataset_name)}"
+    else:
+        name = "evaluation" if split == "val" else f"evaluation-{split}"
+    out = run_dir / name
+    if not overwrite and ((out / "summary.json").exists() or (out / "cases.csv").exists()):
+        raise MedTransferError(f"{out} already holds an evaluation; pass --overwrite to replace it, or move it away")
+    return out
+
+
+def _add_once(values: list, spacing) -> None:
+    spacing = [float(v) for v in spacing]
+    if spacing not in values:
+        values.append(spacing)
+
+
+def _original_label(meta: dict[str, Any], case_id: str) -> np.ndarray:
+    from ..data.io import read_image
+
+    source = meta.get("source_label")
+    if not source:
+        raise MedTransferError(f"case {case_id!r}: the cache does not record its label file, so it cannot be scored "
+                               "on the original grid; prepare the cache again, or use --grid prepared")
+    return np.asarray(read_image(source).array)
+
+
+def evaluate(
+    run_dir: str | Path, data_path: Optional[str | Path] = None, *, split: str = "val", grid: str = "original",
+    overwrite: bool = False, window_size: Optional[Sequence[int]] = None, overlap: Optional[float] = None,
+    batch_size: Optional[int] = None, memory_gb: Optional[float] = None,
+) -> Path:
+    """Score the run's best model on whole cases; writes ``cases.csv`` and ``summary.json`` into the folder
+    :func:`_evaluation_dir` names, and returns it.
+
+    Without ``data_path`` the run's cached cases of ``split`` (``val``, ``test`` or ``all``) are used; with it, that
+    dataset is prepared with the run's pipeline (into ``<folder>/cache``) and all its cases are scored.
+    Segmentation is scored on the original label grid by default (probabilities mapped back, see the module
+    docstring); ``grid="prepared"`` scores on the resampled grid the network saw, against the prepared label."""
+    from ..data.cache import PreparedCache
+    from ..data.datasets import load_dataset
+    from ..data.geometry import Grid, labels_back, original_grid
+    from ..data.preprocess import Pipeline
+    from ..data.splits import Split
+    from .finetune import _write_json
+    from .metrics import build_metrics
+    from .torchdata import centre_fit
+
+    run_dir = Path(run_dir)
+    if split not in ("val", "test", "all"):
+        raise MedTransferError(f"split: choose val, test or all, got {split!r}")
+    if grid not in GRIDS:
+        raise MedTransferError(f"grid: choose original or prepared, got {grid!r}")
+    cfg, run, model = _load_run(run_dir)
+    options = inference_options(cfg, run["spatial_dims"], window_size=window_size, overlap=overlap,
+                                batch_size=batch_size, memory_gb=memory_gb)
+    if data_path is None:
+        out = _evaluation_dir(run_dir, None, split, overwrite)
+        cache = PreparedCache(run["cache"])
+        parts = Split.load(run_dir / "split.json")
+        ids = cache.case_ids() if split == "all" else list(getattr(parts, split))
+    else:
+        dataset = load_dataset(data_path)
+        out = _evaluation_dir(run_dir, dataset.name or Path(data_path).name, split, overwrite)
+        cache = PreparedCache(out / "cache")
+        cache.prepare(dataset, Pipeline.from_dict(run["pipeline"]), workers=1, progress=False)
+        ids = cache.case_ids()
+    if not ids:
+        raise MedTransferError(f"split {split!r} of {run_dir} holds no cases; choose another with --split")
+    task, k = run["task"], run["num_classes"]
+    total = build_metrics(task, num_classes=k, multilabel=run["multilabel"])
+    rows, spacings = [], {"original": [], "prepared": []}
+    for i, case_id in enumerate(ids, 1):
+        started = time.perf_counter()
+        image, label, meta = cache.load(case_id)
+        if task == "segmentation":
+            logits = _case_logits(model, image, run, options)
+            if grid == "original":
+                prepared = Grid.of(meta)
+                target_np = _original_label(meta, case_id)
+                pred = labels_back(probabilities(logits), prepared, meta.get("preprocess", []))
+                if pred.shape != target_np.shape:
+                    raise MedTransferError(
+                        f"case {case_id!r}: the label file {meta['source_label']} has shape {target_np.shape}, the "
+                        f"image it was prepared with {pred.shape}; the label must be drawn on the image's grid")
+                scores = _one_hot(pred, logits.shape[1])
+                _add_once(spacings["original"], original_grid(prepared, meta.get("preprocess", [])).spacing)
+            else:
+                scores = logits
+                target_np = np.asarray(label).reshape(logits.shape[2:])
+            _add_once(spacings["prepared"], meta["spacing"])
+            target = torch.from_numpy(np.asarray(target_np, dtype=np.int64))[None]
+            one = build_metrics(task, num_classes=k)
+            one.update(scores, target)
+            total.update(scores, target)
+            rows.append({"case_id": case_id, **one.compute()})
+        else:
+            arr = np.asarray(image, dtype=np.float32)
+            arr = centre_fit(arr if arr.ndim > run["spatial_dims"] else arr[None], run["patch_size"])
+            with torch.no_grad():
+                logits = model(torch.from_numpy(np.ascontiguousarray(arr))[None]).float()
+            t = meta.get("target")
+            target = (torch.tensor([t], dtype=torch.float32) if isinstance(t, list)
+                      else torch.tensor([int(t)], dtype=torch.int64))
+            total.update(logits, target)
+            pred = (logits[0] > 0).int().tolist() if run["multilabel"] else int(logits[0].argmax())
+            rows.append({"case_id": case_id, "target": t, "prediction": pred})
+        _progress("evaluate", i, len(ids), case_id, started)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k2 for r in rows for k2 in r))
+    with (out / "cases.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary: dict[str, Any] = {"split": split if data_path is None else "all",
+                               "data": str(data_path or run["data_path"]), "cases": len(ids)}
+    if task == "segmentation":
+        summary["grid"] = grid
+        summary["spacing"] = {key: value for key, value in spacings.items() if value}
+    summary["inference"] = options
+    summary["metrics"] = total.compute()
+    _write_json(out / "summary.json", summary)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- predict
+
+
+def output_name(path: Path) -> str:
+    """The file name of the label map predicted for ``path``."""
+    return path.name.split(".")[0] + ".nii.gz"
+
+
+def predict(
+    run_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
+    window_size: Optional[Sequence[int]] = None, overlap: Optional[float] = None, batch_size: Optional[int] = None,
+    memory_gb: Optional[float] = None,
+) -> list[Path]:
+    """Label maps of ``inputs`` (segmentation runs) written as ``<out_dir>/<name>.nii.gz`` over the input grid,
+    in the orientation the input has on disk (module docstring: probabilities mapped back by world coordinates)."""
+    from ..data.geometry import to_original_grid
+    from ..data.io import read_header, read_image, write_image
+    from ..data.preprocess import Pipeline
+    from ..data.types import Image
+
+    cfg, run, model = _load_run(Path(run_dir))
+    if run["task"] != "segmentation":
+        raise MedTransferError(f"predict writes label maps; the run at {run_dir} is a {run['task']} run")
+    options = inference_options(cfg, run["spatial_dims"], window_size=window_size, overlap=overlap,
+                                batch_size=batch_size, memory_gb=memory_gb)
+    pipeline = Pipeline.from_dict(run["pipeline"])
+    out_dir = Path(out_dir)
+    paths = list(map(Path, inputs))
+    want = run["spatial_dims"]
+    for path in paths:  # every input checked (header only where the format allows) before anything is written
+        shape = read_header(path)[0]
+        if len(shape) != want:
+            hint = " (a DICOM series folder or a volume file, not one slice)" if want == 3 else ""
+            raise MedTransferError(f"{path}: a {len(shape)}D image (shape {shape}), but the run at {run_dir} is a "
+                                   f"{want}D model; give it {want}D images{hint}")
+    written = []
+    for i, path in enumerate(paths, 1):
+        started = time.perf_counter()
+        original = read_image(path)
+        prepared = pipeline(original)
+        labels = to_original_grid(probabilities(_case_logits(model, prepared.array, run, options)), prepared, original)
+        pred = Image(array=labels, spacing=tuple(original.spacing), origin=tuple(original.origin),
+                     direction=np.array(original.direction, dtype=float, copy=True), meta=dict(original.meta))
+        written.append(write_image(pred, out_dir / output_name(path), like=original))
+        _progress("predict", i, len(paths), str(path), started)
+    return written

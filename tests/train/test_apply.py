@@ -183,8 +183,30 @@ def test_inference_options_come_from_the_config_then_the_call(run):
     assert validate(old).inference.batch_size == 4
 
 
-def test_output_name_is_one_helper():
-    from pathlib import Path
+def test_predict_names_formats_and_refuses_clashes_before_writing(tmp_path, run):
+    from medtransfer.cli import app
 
-    assert apply.output_name(Path("a/scan.nrrd")) == "scan.nii.gz"
-    assert apply.output_name(Path("b/case_001.nii.gz")) == "case_001.nii.gz"
+    image = sitk.GetImageFromArray(np.full((16, 16, 16), -200, np.int16))
+    image.SetSpacing((5.0, 5.0, 5.0))
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        sitk.WriteImage(image, str(tmp_path / folder / "scan.nrrd"))
+    sitk.WriteImage(image, str(tmp_path / "sub-01.ses-1.nii.gz"))
+    out = tmp_path / "pred"
+    # two inputs named scan: refused, naming both, and nothing is written
+    result = CliRunner().invoke(app, ["predict", str(run), str(tmp_path / "a" / "scan.nrrd"),
+                                      str(tmp_path / "b" / "scan.nrrd"), "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "a/scan.nrrd and" in result.output and "b/scan.nrrd would both be written to" in result.output
+    assert not out.exists() or not any(out.iterdir())
+    # the whole name before the image extension is kept; --format same keeps NRRD
+    written = predict(run, [tmp_path / "sub-01.ses-1.nii.gz", tmp_path / "a" / "scan.nrrd"], out, fmt="same")
+    assert [p.name for p in written] == ["sub-01.ses-1.nii.gz", "scan.nrrd"]
+    assert sitk.ReadImage(str(written[1])).GetSize() == (16, 16, 16)
+    # a second predict into the same folder overwrites nothing unless asked
+    before = written[0].read_bytes()
+    with pytest.raises(MedTransferError, match=r"exist already, nothing was written: .*sub-01\.ses-1\.nii\.gz"):
+        predict(run, [tmp_path / "sub-01.ses-1.nii.gz"], out)
+    assert written[0].read_bytes() == before
+    assert [p.name for p in predict(run, [tmp_path / "b" / "scan.nrrd"], out, fmt="mha")] == ["scan.mha"]
+    assert predict(run, [tmp_path / "sub-01.ses-1.nii.gz"], out, overwrite=True) == [written[0]]

@@ -239,20 +239,20 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------- predict
 
 
-def output_name(path: Path) -> str:
-    """The file name of the label map predicted for ``path``."""
-    return path.name.split(".")[0] + ".nii.gz"
-
-
 def predict(
     run_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
     window_size: Optional[Sequence[int]] = None, overlap: Optional[float] = None, batch_size: Optional[int] = None,
-    memory_gb: Optional[float] = None,
+    memory_gb: Optional[float] = None, fmt: str = "nii.gz", overwrite: bool = False,
 ) -> list[Path]:
-    """Label maps of ``inputs`` (segmentation runs) written as ``<out_dir>/<name>.nii.gz`` over the input grid,
-    in the orientation the input has on disk (module docstring: probabilities mapped back by world coordinates)."""
+    """Label maps of ``inputs`` (segmentation runs) written as ``<out_dir>/<name><ext>`` over the input grid,
+    in the orientation the input has on disk (module docstring: probabilities mapped back by world coordinates).
+
+    ``<name>`` is the input's name without its image extension (``sub-01.ses-1.nii.gz`` -> ``sub-01.ses-1``);
+    ``fmt`` is ``nii.gz`` (default), ``nii``, ``nrrd``, ``mha`` or ``same`` (the input's own file type where it can
+    be written). Names that clash, and outputs that exist already (unless ``overwrite``), are refused before
+    anything is written."""
     from ..data.geometry import to_original_grid
-    from ..data.io import read_header, read_image, write_image
+    from ..data.io import plan_output_paths, read_header, read_image, write_image
     from ..data.preprocess import Pipeline
     from ..data.types import Image
 
@@ -271,14 +271,20 @@ def predict(
             hint = " (a DICOM series folder or a volume file, not one slice)" if want == 3 else ""
             raise MedTransferError(f"{path}: a {len(shape)}D image (shape {shape}), but the run at {run_dir} is a "
                                    f"{want}D model; give it {want}D images{hint}")
+    targets = plan_output_paths(paths, out_dir, fmt)
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise MedTransferError(f"{len(existing)} output file(s) exist already, nothing was written: "
+                               f"{', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}; choose another "
+                               "--out folder or pass --overwrite")
     written = []
-    for i, path in enumerate(paths, 1):
+    for i, (path, target) in enumerate(zip(paths, targets), 1):
         started = time.perf_counter()
         original = read_image(path)
         prepared = pipeline(original)
         labels = to_original_grid(probabilities(_case_logits(model, prepared.array, run, options)), prepared, original)
         pred = Image(array=labels, spacing=tuple(original.spacing), origin=tuple(original.origin),
                      direction=np.array(original.direction, dtype=float, copy=True), meta=dict(original.meta))
-        written.append(write_image(pred, out_dir / output_name(path), like=original))
+        written.append(write_image(pred, target, like=original))
         _progress("predict", i, len(paths), str(path), started)
     return written

@@ -116,16 +116,19 @@ def register(app: typer.Typer) -> None:
         overlap: Optional[float] = overlap_opt,
         window_batch: Optional[int] = batch_opt,
         memory_gb: Optional[float] = memory_opt,
+        fmt: str = typer.Option("nii.gz", "--format", help="Output type: nii.gz, nii, nrrd, mha, or same (the input's "
+                                "own type; DICOM gives nii.gz). Names: the input's name without its image extension."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace label maps that exist already."),
     ) -> None:
-        """Write a NIfTI label map per input, on the input's grid (class probabilities mapped back by world
-        coordinates, then the argmax)."""
+        """Write a label map per input (NIfTI by default), on the input's grid (class probabilities mapped back by
+        world coordinates, then the argmax). Clashing output names are refused before anything is written."""
         from ..errors import MedTransferError
         from .apply import predict as run_predict
 
         try:
             paths = run_predict(run_dir, inputs, out if out is not None else run_dir / "predictions",
                                 window_size=_window(window), overlap=overlap, batch_size=window_batch,
-                                memory_gb=memory_gb)
+                                memory_gb=memory_gb, fmt=fmt, overwrite=overwrite)
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
         for p in paths:

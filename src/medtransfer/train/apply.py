@@ -49,7 +49,9 @@ def _load_run(run_dir: Path):
     model = _build_model(run, cfg, False)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
-    model.eval()
+    from .loop import _resolve_device
+
+    model.to(_resolve_device(None)).eval()  # the GPU when there is one; logits are assembled in host memory
     return cfg, run, model
 
 

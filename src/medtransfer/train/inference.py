@@ -108,7 +108,7 @@ def sliding_window_predict(
 
 
 def logits_to_labels(logits: torch.Tensor) -> torch.Tensor:
-    """Label map ``(N, *spatial)``: argmax over channels, or ``sigmoid > 0.5`` (logit > 0) for one channel."""
+    """Label map ``(N, *spatial)``: argmax over channels, or ``logit > 0`` for one channel (the rule of the metrics)."""
     if logits.shape[1] == 1:
         return (logits[:, 0] > 0).to(torch.uint8)
     labels = logits.argmax(dim=1)

@@ -348,7 +348,10 @@ def data_cubes(
 def data_prepare(
     path: Path = typer.Argument(..., help="A dataset (any supported layout)."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache folder (reused: unchanged cases are not redone)."),
-    preset: str = typer.Option("genesis_ct", help="Intensity preset: genesis_ct, volf_ct, medicalnet_mri, zscore, percentile."),
+    preset: Optional[str] = typer.Option(
+        None, help="Intensity preset: genesis_ct, volf_ct, medicalnet_mri, mri_zscore, zscore, percentile "
+        "(default: by the data's modality: CT genesis_ct, MRI mri_zscore, 2D or unknown zscore)."),
+    modality: str = typer.Option("auto", help="CT, MRI, or auto: the dataset's channel names, else its intensities."),
     spacing: Optional[str] = typer.Option(None, help="Target spacing in mm as D,H,W (default: keep)."),
     fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
     workers: Optional[int] = typer.Option(None, help="Worker processes (default: all cores)."),
@@ -356,9 +359,12 @@ def data_prepare(
     """Check, then preprocess every case once into a memory-mappable cache with a manifest."""
     from .data.cache import PreparedCache
     from .data.check import check_dataset
-    from .data.preprocess import build_pipeline
+    from .data.modality import choose_preset, dataset_modality
+    from .data.preprocess import build_pipeline, preset as known_preset
     from .errors import MedTransferError
 
+    if modality.upper() not in ("AUTO", "CT", "MRI"):
+        _fail(MedTransferError(f"--modality {modality!r}: choose auto, CT or MRI"))
     dataset = _load_dataset(path, fmt)
     report = check_dataset(dataset, workers=workers, progress=sys.stderr.isatty())
     if not report.ok:
@@ -366,8 +372,16 @@ def data_prepare(
         err_console.print("[bold red]error:[/] fix the problems above before preparing", highlight=False)
         raise typer.Exit(code=1)
     try:
+        if preset is not None:
+            known_preset(preset)
+        found = dataset_modality(dataset, modality)
+        choice = choose_preset(preset, found, dataset.spatial_dims, user_where="--preset")
+        err_console.print(f"intensity preset {choice.preset} ({choice.source}); data modality {found} "
+                          f"({found.source})", highlight=False, soft_wrap=True)
+        if choice.warning:
+            err_console.print(f"[bold yellow]warning:[/] {choice.warning}", highlight=False, soft_wrap=True)
         target = tuple(float(s) for s in spacing.split(",")) if spacing else None
-        pipeline = build_pipeline(preset=preset, spacing=target)
+        pipeline = build_pipeline(preset=choice.preset, spacing=target)
         cases = PreparedCache(out).prepare(dataset, pipeline, workers=workers)
     except (MedTransferError, ValueError) as exc:
         _fail(exc)

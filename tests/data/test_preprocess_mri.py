@@ -1,7 +1,7 @@
 """Foreground z-score (``medicalnet_mri``, ``mri_zscore``) after resampling (issue 10): the same MRI stored as NRRD
 (spacing 6.499999999999998) and as NIfTI (6.5) must prepare to the same array, its background exactly 0.
 
-Linear resampling of a zero background next to the foreground leaves residues of ~1e-28..1e-13 when the zoom is a
+Linear resampling of a zero background next to the foreground leaves residues of 2e-28 to 8e-13 when the zoom is a
 hair off 1; counted as foreground they shifted mean and std of every voxel and were themselves z-scored to about
 -mean/std."""
 

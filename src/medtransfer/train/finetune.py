@@ -143,13 +143,13 @@ def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: Any = Non
     preset only when their modality matches the data's; else the defaults (preset by modality,
     :func:`medtransfer.data.modality.choose_preset`; native spacing; :data:`DEFAULT_PATCH`).
 
-    ``modality``: a :class:`~medtransfer.data.modality.Modality` (``dataset_modality``), ``"CT"``/``"MRI"``, or
-    None (unknown). A preset set aside or overridden against the weights' is recorded in ``mismatches``."""
-    from ..data.modality import Modality, choose_preset
+    ``modality``: a :class:`~medtransfer.data.modality.Modality` (``dataset_modality``), a name (``"CT"``, ``"MRI"``,
+    ``"T2"``...), or None (unknown). A preset set aside or overridden against the weights' is recorded in ``mismatches``."""
+    from ..data.modality import Modality, channel_modality, choose_preset
 
     if not isinstance(modality, Modality):
-        modality = Modality(str(modality).upper(), "given to resolve_contract") if modality else \
-            Modality(None, "not given to resolve_contract")
+        modality = Modality(channel_modality(modality), f"given to resolve_contract as {modality!r}") if modality \
+            else Modality(None, "not given to resolve_contract")
     pcfg, label = initial_weights(cfg)
     contract_preset = (pcfg.preset or CONTRACT_PRESETS.get(pcfg.source)) if pcfg else None
     choice = choose_preset(cfg.data.preset, modality, spatial_dims, weights_preset=contract_preset,

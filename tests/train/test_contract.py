@@ -159,6 +159,18 @@ def test_dataset_modality_from_declared_names_intensities_or_the_user(mri, ct, t
         "MRI", "stated by the user (data.modality)")
 
 
+def test_dataset_modality_of_declared_multichannel_names(ct):
+    from dataclasses import replace
+
+    phantoms = load_dataset(ct)
+    nnunet = replace(phantoms, format="nnunet", channel_names=["T2", "ADC"])
+    assert dataset_modality(nnunet) == Modality("MRI", f"{ct / 'dataset.json'} channel_names ['T2', 'ADC']")
+    mixed = dataset_modality(replace(phantoms, format="nnunet", channel_names=["CT", "PET"]))
+    assert mixed.value == "CT" and "['CT', 'PET'] are not all CT or all MR channels" in mixed.source  # by HU
+    stated = dataset_modality(phantoms, "MRI")  # the user wins, the declaration is kept in the record
+    assert stated == Modality("MRI", "stated by the user (data.modality); the dataset declares ['CT']")
+
+
 # ------------------------------------------------------------------------------------------------ full runs
 
 

@@ -59,9 +59,10 @@ class Modality:
 
 def dataset_modality(dataset, stated: str = "auto") -> Modality:
     """The modality of ``dataset`` (a :class:`~medtransfer.data.types.Dataset`); see the module docstring."""
-    if stated.upper() != "AUTO":
-        return Modality(stated.upper(), "stated by the user (data.modality)")
     names = list(dataset.channel_names)
+    if stated.upper() != "AUTO":
+        declared = f"; the dataset declares {names}" if names else ""
+        return Modality(stated.upper(), f"stated by the user (data.modality){declared}")
     where = f"{dataset.root / 'dataset.json'} " + ("modality" if dataset.format == "msd" else "channel_names")
     if names:
         found = {channel_modality(n) for n in names}
@@ -69,7 +70,7 @@ def dataset_modality(dataset, stated: str = "auto") -> Modality:
             return Modality(found.pop(), f"{where} {names}")
     if dataset.format == "luna16":
         return Modality("CT", "the luna16 layout (LUNA16 is a CT collection)")
-    declared = f"{where} {names} names neither CT nor MR channels only" if names else "the dataset declares none"
+    declared = f"{where} {names} are not all CT or all MR channels" if names else "the dataset declares none"
     if dataset.spatial_dims != 3:
         return Modality(None, f"{declared}; 2D images are not inspected")
     lowest = _lowest_intensity(dataset.cases[:INSPECT_CASES])

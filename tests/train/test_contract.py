@@ -181,12 +181,13 @@ def test_mri_run_from_scratch_records_its_sources(mri, tmp_path, caplog):
     assert (c["preset"], c["data_modality"]) == ("mri_zscore", "MRI")
     assert c["data_modality_source"] == f"{mri / 'dataset.json'} modality ['T2']"
     assert c["sources"] == {"preset": "modality default for MRI",
-                            "spacing": "default: native spacing of each case (no resampling)",
+                            "spacing": "default (no resampling: each case keeps its spacing)",
                             "patch_size": "user config (data.patch_size)"}
     assert json.loads((run / "run.json").read_text())["pipeline"] == {
         "steps": [{"type": "nonzero_zscore", "rel_threshold": 1e-6}]}
     lines = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("input contract: preset 'mri_zscore' from modality default for MRI") for m in lines)
+    assert any(m.startswith("input contract: preset 'mri_zscore' (modality default for MRI); spacing native")
+               for m in lines)
 
 
 def test_ct_weights_on_mri_data_warn_loudly_before_training(mri, tmp_path, caplog, monkeypatch):

@@ -4,8 +4,8 @@ Every cell of the grid is one fine-tune (:func:`medtransfer.train.finetune.run_f
 of its best checkpoint on the task's held-out test split. The grid folder holds:
 
 * ``store.sqlite``: one row per run (:mod:`.store`): cell, seed, status, test metrics, steps, duration, run folder,
-  intensity preset, the error of a failed run. A killed grid resumes where it stopped: finished runs are kept, an interrupted one
-  (``running``) is run again from the start, failed ones only with ``--retry-failed``.
+  intensity preset, the error of a failed run. A killed grid resumes where it stopped: finished runs are kept, an
+  interrupted one (``running``) is run again from the start, failed ones only with ``--retry-failed``.
 * ``grid.yaml``: the resolved config; its hash is stored and a store never mixes two grids.
 * ``pretrain/<init>/``: initialisations made by a pretraining method, run once before the first cell that needs
   them (a finished one is reused).

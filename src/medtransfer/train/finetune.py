@@ -144,7 +144,8 @@ def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: Any = Non
     :func:`medtransfer.data.modality.choose_preset`; native spacing; :data:`DEFAULT_PATCH`).
 
     ``modality``: a :class:`~medtransfer.data.modality.Modality` (``dataset_modality``), a name (``"CT"``, ``"MRI"``,
-    ``"T2"``...), or None (unknown). A preset set aside or overridden against the weights' is recorded in ``mismatches``."""
+    ``"T2"``...), or None (unknown). A preset set aside or overridden against the weights' is recorded in
+    ``mismatches``."""
     from ..data.modality import Modality, channel_modality, choose_preset
 
     if not isinstance(modality, Modality):
@@ -162,7 +163,7 @@ def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: Any = Non
     elif pcfg is not None and pcfg.spacing:
         spacing, sources["spacing"] = pcfg.spacing, label
     else:
-        spacing, sources["spacing"] = None, "default: native spacing of each case (no resampling)"
+        spacing, sources["spacing"] = None, "default (no resampling: each case keeps its spacing)"
     patch = cfg.data.patch_size
     if patch is not None:
         if len(patch) != spatial_dims:
@@ -193,7 +194,7 @@ def announce_contract(contract: dict[str, Any]) -> None:
     """The console line before training: preset, spacing and patch with their sources; mismatches loudly."""
     src = contract["sources"]
     spacing = "native" if contract["spacing"] is None else "x".join(f"{s:g}" for s in contract["spacing"]) + " mm"
-    log.warning("input contract: preset %r from %s; spacing %s from %s; patch %s from %s; data modality %s (%s)",
+    log.warning("input contract: preset %r (%s); spacing %s (%s); patch %s (%s); data modality %s (%s)",
                 contract["preset"], src["preset"], spacing, src["spacing"],
                 "x".join(map(str, contract["patch_size"])), src["patch_size"],
                 contract["data_modality"] or "unknown", contract["data_modality_source"])

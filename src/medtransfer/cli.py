@@ -382,7 +382,10 @@ def data_cubes(
 def data_prepare(
     path: Path = typer.Argument(..., help="A dataset (any supported layout)."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache folder (reused: unchanged cases are not redone)."),
-    preset: str = typer.Option("genesis_ct", help="Intensity preset: genesis_ct, volf_ct, medicalnet_mri, zscore, percentile."),
+    preset: Optional[str] = typer.Option(
+        None, help="Intensity preset: genesis_ct, volf_ct, medicalnet_mri, mri_zscore, zscore, percentile "
+        "(default: by the data's modality: CT genesis_ct, MRI mri_zscore, 2D or unknown zscore)."),
+    modality: str = typer.Option("auto", help="CT, MRI, or auto: the dataset's channel names, else its intensities."),
     spacing: Optional[str] = typer.Option(None, help="Target spacing in mm as D,H,W (default: keep)."),
     fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
     workers: Optional[int] = typer.Option(None, help="Worker processes (default: all cores)."),
@@ -393,13 +396,24 @@ def data_prepare(
     says so."""
     from .data.cache import PreparedCache
     from .data.check import check_dataset
-    from .data.preprocess import build_pipeline
+    from .data.modality import choose_preset, dataset_modality
+    from .data.preprocess import build_pipeline, preset as known_preset
     from .errors import MedTransferError
 
+    if modality.upper() not in ("AUTO", "CT", "MRI"):
+        _fail(MedTransferError(f"--modality {modality!r}: choose auto, CT or MRI"))
     dataset = _load_dataset(path, fmt)
     try:
+        if preset is not None:
+            known_preset(preset)
+        found = dataset_modality(dataset, modality)
+        choice = choose_preset(preset, found, dataset.spatial_dims, user_where="--preset")
+        err_console.print(f"intensity preset {choice.preset} ({choice.source}); data modality {found} "
+                          f"({found.source})", highlight=False, soft_wrap=True)
+        if choice.warning:
+            err_console.print(f"[bold yellow]warning:[/] {choice.warning}", highlight=False, soft_wrap=True)
         target = tuple(float(s) for s in spacing.split(",")) if spacing else None
-        pipeline = build_pipeline(preset=preset, spacing=target)
+        pipeline = build_pipeline(preset=choice.preset, spacing=target)
         cache = PreparedCache(out)
         todo = cache.pending(dataset, pipeline, workers=workers)  # sizes, times and hashes only: no voxel read
     except (MedTransferError, ValueError) as exc:

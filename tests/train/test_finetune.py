@@ -64,13 +64,16 @@ def _cfg(out, data_path, **extra):
 
 
 def test_contract_fills_unset_values_and_reports_a_preset_mismatch():
-    cfg = validate({"model": {"name": "genesis_unet3d"}})
-    c = resolve_contract(cfg, 3)
+    # the published weights' contract applies when they are loaded (pretrained: true); tests/train/test_contract.py
+    # covers scratch runs, foreign files and modality mismatches
+    cfg = validate({"model": {"name": "genesis_unet3d", "pretrained": True}})
+    c = resolve_contract(cfg, 3, "CT")
     assert c["preset"] == "genesis_ct" and c["patch_size"] == [32, 64, 64] and c["mismatches"] == []
-    cfg = validate({"model": {"name": "genesis_unet3d"}, "data": {"preset": "zscore"}})
-    c = resolve_contract(cfg, 3)
+    cfg = validate({"model": {"name": "genesis_unet3d", "pretrained": True}, "data": {"preset": "zscore"}})
+    c = resolve_contract(cfg, 3, "CT")
     assert c["preset"] == "zscore" and len(c["mismatches"]) == 1 and "genesis_ct" in c["mismatches"][0]
-    assert resolve_contract(validate({"model": {"name": "medicalnet_resnet10"}}), 3)["preset"] == "medicalnet_mri"
+    medicalnet = validate({"model": {"name": "medicalnet_resnet10", "pretrained": True}})
+    assert resolve_contract(medicalnet, 3, "CT")["preset"] == "medicalnet_mri"
 
 
 def test_invalid_config_fails_with_field_name_and_exit_2(tmp_path):

@@ -4,8 +4,8 @@ Every cell of the grid is one fine-tune (:func:`medtransfer.train.finetune.run_f
 of its best checkpoint on the task's held-out test split. The grid folder holds:
 
 * ``store.sqlite``: one row per run (:mod:`.store`): cell, seed, status, test metrics, steps, duration, run folder,
-  the error of a failed run. A killed grid resumes where it stopped: finished runs are kept, an interrupted one
-  (``running``) is run again from the start, failed ones only with ``--retry-failed``.
+  intensity preset, the error of a failed run. A killed grid resumes where it stopped: finished runs are kept, an
+  interrupted one (``running``) is run again from the start, failed ones only with ``--retry-failed``.
 * ``grid.yaml``: the resolved config; its hash is stored and a store never mixes two grids.
 * ``pretrain/<init>/``: initialisations made by a pretraining method, run once before the first cell that needs
   them (a finished one is reused).
@@ -283,7 +283,8 @@ def _last_step(run_dir: Path) -> Optional[int]:
 
 def run_cell(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Union[bool, str], grid_dir: Path,
              progress: bool = False) -> dict[str, Any]:
-    """Fine-tune and evaluate one cell; returns metric, metrics, steps, run_dir."""
+    """Fine-tune and evaluate one cell; returns metric, metrics, steps, run_dir and the run's intensity preset (from
+    its ``contract.json``, so the report shows when the inits of a task were preprocessed differently)."""
     import math
 
     from ..train.finetune import evaluate, run_finetune
@@ -296,8 +297,9 @@ def run_cell(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Union[bool,
     if name not in metrics:
         raise MedTransferError(f"metric {name!r} is not among the test metrics of {run_dir} "
                                f"({', '.join(sorted(metrics)) or 'none finite'})")
+    preset = json.loads((Path(run_dir) / "contract.json").read_text()).get("preset")
     return {"metric": metrics[name], "metrics": metrics, "steps": _last_step(run_dir),
-            "run_dir": str(Path(run_dir).resolve())}
+            "run_dir": str(Path(run_dir).resolve()), "preset": preset}
 
 
 def check_inputs(cfg: BenchmarkConfig) -> None:

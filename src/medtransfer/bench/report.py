@@ -46,12 +46,14 @@ def results_table(rows: list[dict], *, baseline: str = "scratch") -> list[dict]:
     at the same (task, fraction), Holm-corrected across every init there: test, p, p_holm, marker, effect_size,
     effect (its name), mean_diff, wilcoxon_p (all None for the baseline itself and where it has no runs); baseline;
     label_efficiency of the (task, init), the same on each of its entries (None when never reached, or when the
-    baseline has no runs at fraction 1.0).
+    baseline has no runs at fraction 1.0); preset: the intensity preset(s) of the cell's runs, comma-separated (None
+    when no run recorded one: stores written before schema 2).
     """
     if not rows:
         raise ValueError("rows is empty: there are no benchmark runs to report; run `medtransfer benchmark CONFIG` "
                          "first, or point the report at the folder that holds its store")
     cells: dict[tuple[str, str, float], dict[int, float]] = defaultdict(dict)
+    presets: dict[tuple[str, str, float], set[str]] = defaultdict(set)
     task_metric: dict[str, tuple[str, bool]] = {}
     for row in rows:
         if not _has_metric(row):
@@ -65,6 +67,8 @@ def results_table(rows: list[dict], *, baseline: str = "scratch") -> list[dict]:
             raise ValueError(f"rows hold two finished runs of task={task!r} init={init!r} fraction={fraction:g} "
                              f"seed={seed}; pass each run once (merge the stores instead of concatenating rows)")
         cells[(task, init, fraction)][seed] = float(row["metric"])
+        if row.get("preset"):
+            presets[(task, init, fraction)].add(str(row["preset"]))
 
     entries: list[dict] = []
     for task in sorted(task_metric):
@@ -96,6 +100,7 @@ def results_table(rows: list[dict], *, baseline: str = "scratch") -> list[dict]:
                        for name in ("test", "p", "p_holm", "marker", "effect_size", "mean_diff", "effect",
                                     "wilcoxon_p")},
                     "baseline": baseline, "label_efficiency": efficiency[init],
+                    "preset": ", ".join(sorted(presets[(task, init, fraction)])) or None,
                 })
     return entries
 
@@ -202,8 +207,15 @@ def _task_tables(entries: list[dict]) -> list[Block]:
         bound = "≤ " if efficiency == min(f for i, f in cell if i == init) else ""  # matched at the first point
         row.append(bound + _pct(efficiency, 3) if efficiency is not None
                    else ("not reached" if has_full_baseline else "—"))
+        row.append(_init_presets(entries, init) or "not recorded")
         rows.append(row)
-    blocks.append(("table", ["init", *[_pct(f) for f in fractions], "label efficiency"], rows))
+    blocks.append(("table", ["init", *[_pct(f) for f in fractions], "label efficiency", "preset"], rows))
+    known = {init: _init_presets(entries, init) for init in inits if _init_presets(entries, init)}
+    if len(set(known.values())) > 1:
+        blocks.append(("p", "Note: the initialisations of this task were not preprocessed alike (intensity preset: "
+                            + "; ".join(f"{init} {p}" for init, p in known.items()) + "), so their differences "
+                            "include the input normalisation, not only the initial weights. Set data.preset in the "
+                            "grid's finetune section to compare them on one preprocessing."))
 
     tests = [e for e in sorted(entries, key=lambda e: (e["fraction"], inits.index(e["init"])))
              if e["init"] != baseline and e.get("test") is not None]
@@ -220,6 +232,12 @@ def _task_tables(entries: list[dict]) -> list[Block]:
         blocks.append(("p", f"No {baseline} (baseline) runs at fraction(s) {', '.join(_pct(f) for f in missing)}: "
                             "no tests there."))
     return blocks
+
+
+def _init_presets(entries: list[dict], init: str) -> str:
+    """The intensity preset(s) an init's runs used, over all fractions ('' when none was recorded)."""
+    found = {p.strip() for e in entries if e["init"] == init and e.get("preset") for p in e["preset"].split(",")}
+    return ", ".join(sorted(found))
 
 
 def _cell_text(e: dict) -> str:

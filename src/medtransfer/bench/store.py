@@ -11,8 +11,12 @@ machines (``--shard i/n``) or partly failed. The store is what makes that safe:
 * :func:`shard_of` splits the run ids into disjoint parts whose union is the whole grid.
 
 Rows are plain dicts in the shared row format (``run_id, init, task, fraction, seed, status, metric_name,
-higher_is_better, metric, metrics, steps, duration, run_dir, error, attempts, shard, host, updated``) so that the
-statistics and report code need nothing from this module but :meth:`ResultStore.rows`.
+higher_is_better, metric, metrics, steps, duration, run_dir, error, attempts, shard, host, updated, preset``) so
+that the statistics and report code need nothing from this module but :meth:`ResultStore.rows`. ``preset`` is the
+intensity preset the run prepared its data with (from its ``contract.json``), None when unknown.
+
+Schema versions: 1 had no ``preset`` column; opening a version-1 store adds it (NULL for the old rows) and records
+version 2, so every older store stays readable.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ _MERGE_RANK = {"pending": 0, "running": 1, "failed": 2, "done": 3}
 _IDENTITY = ("init", "task", "fraction", "seed", "metric_name", "higher_is_better")
 _COLUMNS = (
     "run_id", "init", "task", "fraction", "seed", "status", "metric_name", "higher_is_better", "metric", "metrics",
-    "steps", "duration", "run_dir", "error", "attempts", "shard", "host", "updated",
+    "steps", "duration", "run_dir", "error", "attempts", "shard", "host", "updated", "preset",
 )  # fmt: skip
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+_ADDED = {2: ("preset", "TEXT")}  # version -> the column it added (nullable, so old rows read as unknown)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -60,7 +65,8 @@ CREATE TABLE IF NOT EXISTS runs (
     attempts INTEGER NOT NULL DEFAULT 0,
     shard TEXT,
     host TEXT,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    preset TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -111,12 +117,25 @@ class ResultStore:
                 if statement.strip():
                     conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_schema', ?)", (json.dumps(_SCHEMA_VERSION),))
+        self._migrate()
         columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(runs)"))
         version = self.get_meta("store_schema")
         if set(columns) != set(_COLUMNS) or version != _SCHEMA_VERSION:
             raise StoreError(f"results store {self.path} has schema {version!r} with columns {columns}; this "
                              f"medtransfer reads schema {_SCHEMA_VERSION}. Use the medtransfer version that wrote "
                              f"it, or start a new store")
+
+    def _migrate(self) -> None:
+        """Bring an older store to :data:`_SCHEMA_VERSION`, one added column per version, in one transaction."""
+        version = self.get_meta("store_schema")
+        if not isinstance(version, int) or not 1 <= version < _SCHEMA_VERSION:
+            return
+        with self._write() as conn:
+            for step in range(version + 1, _SCHEMA_VERSION + 1):
+                column, kind = _ADDED[step]
+                if column not in {r[1] for r in conn.execute("PRAGMA table_info(runs)")}:
+                    conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'store_schema'", (json.dumps(_SCHEMA_VERSION),))
 
     @property
     def _connection(self) -> sqlite3.Connection:
@@ -188,14 +207,15 @@ class ResultStore:
             self._require(run_id, ("pending", "running", "failed"), "mark_running")
             conn.execute(
                 "UPDATE runs SET status = 'running', attempts = attempts + 1, shard = ?, host = ?, metric = NULL, "
-                "metrics = '{}', steps = NULL, duration = NULL, run_dir = NULL, error = NULL, updated = ? "
-                "WHERE run_id = ?",
+                "metrics = '{}', steps = NULL, duration = NULL, run_dir = NULL, error = NULL, preset = NULL, "
+                "updated = ? WHERE run_id = ?",
                 (shard, host, time.time(), run_id),
             )
 
     def mark_done(self, run_id: str, *, metric: float, metrics: dict, steps: int | None, duration: float,
-                  run_dir: str) -> None:
-        """Finish the running attempt of ``run_id`` with its primary test ``metric`` and every test metric."""
+                  run_dir: str, preset: str | None = None) -> None:
+        """Finish the running attempt of ``run_id`` with its primary test ``metric``, every test metric and the
+        intensity ``preset`` its data was prepared with."""
         metric = _finite(metric, "metric", run_id)
         metrics_json = json.dumps({str(k): _finite(v, f"metrics[{k!r}]", run_id) for k, v in metrics.items()},
                                   sort_keys=True)
@@ -203,9 +223,9 @@ class ResultStore:
             self._require(run_id, ("running",), "mark_done")
             conn.execute(
                 "UPDATE runs SET status = 'done', metric = ?, metrics = ?, steps = ?, duration = ?, run_dir = ?, "
-                "error = NULL, updated = ? WHERE run_id = ?",
+                "error = NULL, preset = ?, updated = ? WHERE run_id = ?",
                 (metric, metrics_json, None if steps is None else int(steps), float(duration), str(run_dir),
-                 time.time(), run_id),
+                 None if preset is None else str(preset), time.time(), run_id),
             )
 
     def mark_failed(self, run_id: str, *, error: str, duration: float | None = None,

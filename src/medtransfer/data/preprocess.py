@@ -12,9 +12,12 @@ Intensity presets match the seed systems (see ``spec/seed-systems.md``):
 
 * ``genesis_ct``: Models Genesis, clip HU to [-1000, 1000] and scale to [0, 1];
 * ``volf_ct``: the VolF (PyMIC) LUNA demo, the same window scaled to [-1, 1];
-* ``medicalnet_mri``: MedicalNet, z-score with the mean and std of voxels > 0, zeros stay 0. The MedicalNet demo then
+* ``medicalnet_mri``: MedicalNet, z-score with the mean and std of voxels > 0, zeros stay 0 (a voxel within 1e-6 of
+  the image's largest absolute value counts as 0, so resampling residues stay background). The MedicalNet demo then
   fills the zeros with N(0, 1) noise; that is a *training augmentation* (it made their inference non-deterministic),
   so it is not part of this deterministic preprocessing and belongs to the random training transforms;
+* ``mri_zscore``: the same foreground z-score under the name of the MRI modality default (what a run without a
+  weights' contract uses on MRI, :mod:`medtransfer.data.modality`), so a record never credits MedicalNet for it;
 * ``zscore``: PyMIC ``NormalizeWithMeanStd``, whole volume, ``(x - mean) / (std + 1e-5)``;
 * ``percentile``: clip to the 0.5 and 99.5 percentiles, then scale to [0, 1].
 
@@ -283,23 +286,37 @@ class CTWindow(Step):
 
 @dataclass(frozen=True)
 class NonZeroZScore(Step):
-    """MedicalNet MRI normalisation: mean and (population) std of the voxels > 0; voxels equal to 0 stay 0.
+    """Z-score over the foreground with the background set to exactly 0: MedicalNet's MRI normalisation (mean and
+    population std of the voxels > 0; voxels equal to 0 stay 0; negative voxels are scaled but not counted).
 
-    No noise is put into the background here: MedicalNet's N(0, 1) background fill is a training augmentation.
+    Foreground is a voxel above ``rel_threshold`` times the channel's largest absolute value, and background one
+    within that band around 0, so the ~1e-13 residues that linear resampling leaves in a zero background count as
+    background instead of being z-scored to about -mean/std (the same scan stored at spacing 6.5 and at
+    6.499999999999998 then prepares identically). On stored scans, whose foreground lies far above 1e-6 of the
+    maximum, this is MedicalNet's rule. No noise is put into the background here: MedicalNet's N(0, 1) background
+    fill is a training augmentation.
     """
 
+    rel_threshold: float = 1e-6
+
     name: ClassVar[str] = "nonzero_zscore"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.rel_threshold < 1:
+            raise MedTransferError(f"NonZeroZScore: rel_threshold={self.rel_threshold} must lie in [0, 1)")
 
     def _apply(self, image: Image) -> Image:
         x = np.asarray(image.array, dtype=np.float64)
         axes = _spatial_axes(image)
-        mask = x > 0
+        band = self.rel_threshold * np.abs(x).max(axis=axes, keepdims=True)
+        mask = x > band
         count = np.maximum(mask.sum(axis=axes, keepdims=True), 1)
         mean = np.where(mask, x, 0.0).sum(axis=axes, keepdims=True) / count
         std = np.sqrt(np.where(mask, (x - mean) ** 2, 0.0).sum(axis=axes, keepdims=True) / count)
         if not mask.any():
             log.warning("%s: no voxel above 0; NonZeroZScore leaves the image as it is", image.path or "image")
-        out = np.where(x == 0, 0.0, (x - mean) / np.where(std > 0, std, 1.0))
+        out = np.where(np.abs(x) <= band, 0.0, (x - mean) / np.where(std > 0, std, 1.0))
         return _with(image, {"step": self.name}, array=out.astype(np.float32))
 
 
@@ -352,6 +369,7 @@ PRESETS: dict[str, Step] = {
     "genesis_ct": CTWindow(-1000.0, 1000.0, (0.0, 1.0)),
     "volf_ct": CTWindow(-1000.0, 1000.0, (-1.0, 1.0)),
     "medicalnet_mri": NonZeroZScore(),
+    "mri_zscore": NonZeroZScore(),  # the MRI modality default (data/modality.py): the same step, its own name
     "zscore": ZScore(1e-5),
     "percentile": PercentileClip(0.5, 99.5),
 }

@@ -84,9 +84,14 @@ class DataConfig(_Section):
     path: Optional[Path] = None  # None: the embedded phantoms (data/phantoms.py), as `medtransfer demo` uses
     format: str = "auto"  # a layout of medtransfer.data.datasets.load_dataset, or "auto" to detect it
     options: dict[str, Any] = Field(default_factory=dict)  # layout options of load_dataset, e.g. images/masks folders
-    preset: Optional[str] = None  # intensity preset of data.preprocess.PRESETS; None: the weights' input contract
+    # preset, spacing, patch_size: None takes the loaded weights' contract, else the default (docs/training.md,
+    # "Input contract"); a run from scratch never takes the published weights' contract
+    preset: Optional[str] = None  # intensity preset of data.preprocess.PRESETS; None: weights', else by modality
     spacing: Optional[tuple[float, ...]] = None  # mm per axis; None: the weights' contract, else native spacing
-    patch_size: Optional[tuple[int, ...]] = None  # voxels per axis; None: the weights' contract patch size
+    patch_size: Optional[tuple[int, ...]] = None  # voxels per axis; None: the weights' contract, else DEFAULT_PATCH
+    # CT or MRI for datasets that declare no channel names (lists, folders); auto: declared names, else intensities
+    # (a minimum below -500 HU is CT), else unknown (data/modality.py)
+    modality: Literal["auto", "CT", "MRI"] = "auto"
     batch_size: int = Field(2, gt=0)
     label_fraction: float = Field(1.0, gt=0, le=1)  # share of labelled training cases kept (nested subsets)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # data/splits.py train_val_test default
@@ -99,6 +104,11 @@ class DataConfig(_Section):
     @classmethod
     def _known_preset(cls, name: Optional[str]) -> Optional[str]:
         return known_preset(name)
+
+    @field_validator("modality", mode="before")
+    @classmethod
+    def _modality_case(cls, value: Any) -> Any:
+        return {"auto": "auto", "ct": "CT", "mri": "MRI", "mr": "MRI"}.get(str(value).lower(), value)
 
     @field_validator("spacing")
     @classmethod

@@ -1,7 +1,8 @@
 """One fine-tuning run end to end: data check, split, input contract, cache, model, loop; then evaluate and predict.
 
 Run folder (``cfg.out``): ``config.yaml`` (resolved config), ``env.json`` (versions, device, seed, command line),
-``split.json``, ``contract.json`` (the weights' input contract and what the run used), ``run.json`` (what
+``split.json``, ``contract.json`` (preset, spacing and patch size the run used, where each came from, the data's
+modality and the loaded weights' contract), ``run.json`` (what
 :func:`evaluate`/:func:`predict` need: task, classes, patch size, divisor, preprocessing pipeline, cache folder),
 ``load_report.json`` (when weights were loaded), and what ``loop.fit`` writes (``checkpoints/``, ``metrics.jsonl``).
 
@@ -10,9 +11,14 @@ Defaults chosen here:
 * no ``data.path``: :data:`PHANTOM_DEFAULTS` (8 embedded phantoms of 32^3 voxels at 5 mm, seed 0, i.e. the 64^3 at
   2.5 mm thorax of ``data/phantoms.py`` at half resolution) are written to ``<out>/phantoms``;
 * preprocessed cases go to ``data.cache_dir`` or ``<out>/cache``;
-* intensity preset: the weights' contract through :data:`CONTRACT_PRESETS` (keyed by the checkpoint format of
-  ``PretrainedCfg.source``), else ``genesis_ct`` for 3D CT, ``zscore`` otherwise (2D images included);
-* patch size: the contract's, else :data:`DEFAULT_PATCH` per spatial dims;
+* intensity preset (:func:`resolve_contract`): ``data.preset``; else the contract of the weights actually loaded
+  (``PretrainedCfg.preset``, else :data:`CONTRACT_PRESETS` by checkpoint format) when their modality matches the
+  data's (a mismatch is a loud warning and a line in ``contract.json``); else the modality default of
+  :mod:`medtransfer.data.modality`: ``genesis_ct`` for 3D CT, ``mri_zscore`` for 3D MRI, ``zscore`` for 2D images
+  and for an unknown modality (warned). A run from scratch, or from a file without a contract, never takes the
+  published weights' contract. ``contract.json`` records each value's source and the data's modality;
+* patch size and spacing: the config's, else the loaded weights' contract, else :data:`DEFAULT_PATCH` per spatial
+  dims and the native spacing;
 * loss ``auto``: ``dice_ce`` for segmentation (MIS-FM's 0.5/0.5 Dice + CE), ``ce`` for single-label and ``bce`` for
   multi-label classification;
 * segmentation validation during training uses fixed patches (epoch 0 draws of a seeded :class:`PatchDataset`);
@@ -71,7 +77,8 @@ def model_divisor(model: torch.nn.Module, dims: int) -> tuple[int, ...]:
 
 
 def weights_contract(model_name: str):
-    """The ``PretrainedCfg`` whose input contract applies (the tag named in ``model_name``, else the default)."""
+    """The ``PretrainedCfg`` of the model's published weights (the tag named in ``model_name``, else the default);
+    it applies to a run only when those weights are loaded (``model.pretrained: true``), see :func:`initial_weights`."""
     from ..zoo.builder import split_name
     from ..zoo.registry import get_entry
 
@@ -79,39 +86,122 @@ def weights_contract(model_name: str):
     return get_entry(base).pretrained_cfg(tag)
 
 
-def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: str = "CT") -> dict[str, Any]:
-    """Preset, spacing and patch size of the run: the config's values win; unset ones come from the contract.
+def _pretrained_value(cfg: FinetuneConfig) -> bool | str:
+    """``model.pretrained`` as ``create_model`` takes it: True, False or a file path (YAML 'true'/'false' strings
+    from the command line read as booleans)."""
+    value = cfg.model.pretrained
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", ""):
+        return value.strip().lower() == "true"
+    return value or False
 
-    A config preset that differs from the contract's is kept, logged as a warning and recorded as a mismatch."""
-    pcfg = None
-    if isinstance(cfg.model.pretrained, str) and cfg.model.pretrained.lower() not in ("true", "false"):
-        from ..zoo.builder import file_pretrained_cfg
 
-        pcfg = file_pretrained_cfg(cfg.model.pretrained)  # a `medtransfer pretrain` file carries its own contract
-    pcfg = pcfg or weights_contract(cfg.model.name)
+def initial_weights(cfg: FinetuneConfig):
+    """(``PretrainedCfg`` or None, label): the input contract of the weights the run loads, read as
+    ``create_model`` reads it, and words naming them for the run files.
+
+    ``pretrained: true``: the model's published weights. A file: the ``PretrainedCfg`` stored in it (``medtransfer
+    pretrain`` output), else none (a foreign file carries no contract, even a copy of a published file: put that
+    in the weights cache and use ``pretrained: true``). From scratch: none, whatever the published weights expect."""
+    from ..zoo.builder import file_pretrained_cfg
+
+    pretrained = _pretrained_value(cfg)
+    if pretrained is False:
+        return None, "no weights (a run from scratch)"
+    if pretrained is True:
+        pcfg = weights_contract(cfg.model.name)
+        if pcfg is None:
+            return None, f"{cfg.model.name} has no published weights"
+        return pcfg, f"weights {pcfg.full_name} ({pcfg.file_name})"
+    pcfg = file_pretrained_cfg(pretrained)
+    if pcfg is None:
+        return None, f"file {pretrained} (it carries no input contract)"
+    return pcfg, f"weights {pcfg.full_name} (the contract stored in {pretrained})"
+
+
+def check_weights(cfg: FinetuneConfig) -> None:
+    """Read the initial weights and check that they fit ``model.name``, before the data is read and anything is
+    written: a missing file or one that fits no model fails here, naming the file, not after the cache is filled.
+
+    The model is built on the meta device (no memory, no initialisation) by ``create_model`` itself, so the check
+    is the load's own; the real model is built later with the dataset's class count."""
+    import warnings
+
+    pretrained = _pretrained_value(cfg)
+    if pretrained is False:
+        return
+    from ..zoo.builder import create_model
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+        create_model(cfg.model.name, task=cfg.model.task, num_classes=cfg.model.num_classes,
+                     in_channels=cfg.model.in_channels, pretrained=pretrained, **cfg.model.arch)
+
+
+def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: Any = None) -> dict[str, Any]:
+    """Preset, spacing and patch size of the run, each with where it came from (the rule of docs/training.md,
+    "Input contract"): the config's value wins; else the loaded weights' contract (:func:`initial_weights`), the
+    preset only when their modality matches the data's; else the defaults (preset by modality,
+    :func:`medtransfer.data.modality.choose_preset`; native spacing; :data:`DEFAULT_PATCH`).
+
+    ``modality``: a :class:`~medtransfer.data.modality.Modality` (``dataset_modality``), a name (``"CT"``, ``"MRI"``,
+    ``"T2"``...), or None (unknown). A preset set aside or overridden against the weights' is recorded in
+    ``mismatches``."""
+    from ..data.modality import Modality, channel_modality, choose_preset
+
+    if not isinstance(modality, Modality):
+        modality = Modality(channel_modality(modality), f"given to resolve_contract as {modality!r}") if modality \
+            else Modality(None, "not given to resolve_contract")
+    pcfg, label = initial_weights(cfg)
     contract_preset = (pcfg.preset or CONTRACT_PRESETS.get(pcfg.source)) if pcfg else None
-    # 2D images (8-bit PNG radiographs, photographs) carry no HU: a CT window would squash them into a sliver of
-    # [0, 1], so 2D runs without a contract preset use the per-image z-score.
-    fallback = "genesis_ct" if modality.upper() == "CT" and spatial_dims == 3 else "zscore"
-    preset = cfg.data.preset or contract_preset or fallback
-    spacing = cfg.data.spacing if cfg.data.spacing is not None else (pcfg.spacing if pcfg else None)
-    patch = cfg.data.patch_size or (pcfg.patch_size if pcfg and pcfg.patch_size else None)
-    if patch is None or len(patch) != spatial_dims:
-        patch = DEFAULT_PATCH[spatial_dims]
-    mismatches = []
-    if cfg.data.preset is not None and contract_preset is not None and cfg.data.preset != contract_preset:
-        mismatches.append(f"data.preset={cfg.data.preset!r} but the weights {pcfg.full_name} expect "
-                          f"{contract_preset!r} ({pcfg.intensity})")
-    for msg in mismatches:
-        log.warning("input contract mismatch: %s", msg)
+    choice = choose_preset(cfg.data.preset, modality, spatial_dims, weights_preset=contract_preset,
+                           weights_modality=pcfg.modality if pcfg else "", weights_label=label)
+    sources = {"preset": choice.source}
+    if pcfg is not None and contract_preset is None and cfg.data.preset is None:
+        sources["preset"] += f"; the {label} name no intensity preset: {pcfg.intensity or 'none stated'}"
+    if cfg.data.spacing is not None:
+        spacing, sources["spacing"] = cfg.data.spacing, "user config (data.spacing)"
+    elif pcfg is not None and pcfg.spacing:
+        spacing, sources["spacing"] = pcfg.spacing, label
+    else:
+        spacing, sources["spacing"] = None, "default (no resampling: each case keeps its spacing)"
+    patch = cfg.data.patch_size
+    if patch is not None:
+        if len(patch) != spatial_dims:
+            raise MedTransferError(f"data.patch_size {list(patch)} has {len(patch)} values but the dataset is "
+                                   f"{spatial_dims}D; give {spatial_dims} values")
+        sources["patch_size"] = "user config (data.patch_size)"
+    elif pcfg is not None and pcfg.patch_size and len(pcfg.patch_size) == spatial_dims:
+        patch, sources["patch_size"] = pcfg.patch_size, label
+    else:
+        patch, sources["patch_size"] = DEFAULT_PATCH[spatial_dims], f"default for {spatial_dims}D (DEFAULT_PATCH)"
     return {
-        "weights": pcfg.to_dict() if pcfg else None,
-        "contract_preset": contract_preset,
-        "preset": preset,
+        "preset": choice.preset,
         "spacing": list(spacing) if spacing is not None else None,
         "patch_size": [int(p) for p in patch],
-        "mismatches": mismatches,
+        "sources": sources,
+        "data_modality": modality.value,
+        "data_modality_source": modality.source,
+        "initial_weights": label,
+        "weights_modality": pcfg.modality if pcfg else None,
+        "weights": pcfg.to_dict() if pcfg else None,
+        "contract_preset": contract_preset,
+        "mismatches": [choice.mismatch] if choice.mismatch else [],
+        "warnings": [choice.warning] if choice.warning else [],
     }
+
+
+def announce_contract(contract: dict[str, Any]) -> None:
+    """The console line before training: preset, spacing and patch with their sources; mismatches loudly."""
+    src = contract["sources"]
+    spacing = "native" if contract["spacing"] is None else "x".join(f"{s:g}" for s in contract["spacing"]) + " mm"
+    log.warning("input contract: preset %r (%s); spacing %s (%s); patch %s (%s); data modality %s (%s)",
+                contract["preset"], src["preset"], spacing, src["spacing"],
+                "x".join(map(str, contract["patch_size"])), src["patch_size"],
+                contract["data_modality"] or "unknown", contract["data_modality_source"])
+    for msg in contract["mismatches"]:
+        log.warning("INPUT CONTRACT MISMATCH: %s", msg)
+    for msg in contract["warnings"]:
+        log.warning("input contract: %s", msg)
 
 
 def _dataset(cfg: FinetuneConfig, out: Path):
@@ -201,13 +291,16 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     from .optim import build_optimizer, build_scheduler
     from .torchdata import CaseDataset, PatchDataset, make_loader
 
+    from ..data.modality import dataset_modality
+
     cfg = load_config(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     seed = cfg.train.seed
     task = cfg.model.task
     if task == "features":
         raise MedTransferError("model.task: 'features' has no training target; use segmentation or classification")
+    check_weights(cfg)  # before the data check, the phantoms and the cache: nothing is written for a wrong file
+    out.mkdir(parents=True, exist_ok=True)
 
     # Under torchrun, rank 0 writes the phantoms, checks the data and fills the cache while the others wait; they
     # then read what it wrote (their own prepare finds nothing to do). Only rank 0 writes the run's files.
@@ -220,9 +313,9 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     dataset, data_path = _dataset(cfg, out)
     if task != dataset.task:
         raise MedTransferError(f"model.task is {task!r} but the dataset at {data_path} is a {dataset.task} dataset")
-    modality = next(iter(dataset.channel_names), "CT") if dataset.channel_names else "CT"
-    contract = resolve_contract(cfg, dataset.spatial_dims, modality)
+    contract = resolve_contract(cfg, dataset.spatial_dims, dataset_modality(dataset, cfg.data.modality))
     if main:
+        announce_contract(contract)
         _write_json(out / "contract.json", contract)
 
     targets = None
@@ -246,7 +339,7 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
            "spatial_dims": dataset.spatial_dims, "pipeline": pipeline.to_dict(), "cache": str(cache_dir),
            "data_path": str(data_path), "data_format": cfg.data.format}
     torch.manual_seed(seed)
-    model = _build_model(run, cfg, cfg.model.pretrained or False)
+    model = _build_model(run, cfg, _pretrained_value(cfg))
     if model.load_report is not None and main:
         _write_json(out / "load_report.json", model.load_report.to_dict())
     run["divisor"] = list(model_divisor(model, dataset.spatial_dims))

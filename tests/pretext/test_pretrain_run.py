@@ -199,3 +199,27 @@ def test_cli_pretrain(phantoms, tmp_path):
     assert bad.exit_code == 2 and "method" in bad.output and "Traceback" not in bad.output
     typo = runner.invoke(app, ["pretrain", "--method", "genesis", "--set", "optim.lrr=1"])
     assert typo.exit_code == 2 and "did you mean 'lr'" in typo.output
+
+
+def test_pretraining_on_mri_records_mri_and_swaps_the_ct_window(tmp_path, caplog):
+    # a Genesis pretraining file used to claim CT whatever it was trained on, so fine-tuning it on MRI was called a
+    # modality mismatch and on CT it was not; and the method's HU window squashed MRI into a sliver of [0, 1]
+    from tests.train.test_contract import write_mri_dataset
+    from medtransfer.train.config import validate
+    from medtransfer.train.finetune import resolve_contract
+    from medtransfer.data.modality import Modality
+    from medtransfer.zoo.builder import file_pretrained_cfg
+
+    mri = write_mri_dataset(tmp_path / "mri", n=4)
+    cfg = _config("genesis", [mri], tmp_path / "g", train={"max_steps": 2, "val_every": 1})
+    cfg["data"]["patch_size"] = [16, 16, 16]
+    with caplog.at_level("WARNING"):
+        run = run_pretrain(cfg, progress=False)
+    assert "the data is MRI" in caplog.text and "using 'percentile'" in caplog.text
+    made = file_pretrained_cfg(str(run / "pretrained.safetensors"))
+    assert (made.modality, made.preset) == ("MRI", "percentile")
+    finetune = validate({"model": {"name": "genesis_unet3d", "pretrained": str(run / "pretrained.safetensors")}})
+    on_mri = resolve_contract(finetune, 3, Modality("MRI", "test"))
+    assert (on_mri["preset"], on_mri["mismatches"]) == ("percentile", [])
+    on_ct = resolve_contract(finetune, 3, Modality("CT", "test"))
+    assert on_ct["preset"] == "genesis_ct" and "MODALITY MISMATCH" in on_ct["mismatches"][0]

@@ -36,6 +36,7 @@ from .data import CubeArray, LossOnlyMetrics, TwoViews, VolumePatches, fixed_bat
 log = logging.getLogger(__name__)
 
 DEFAULT_PRESET = {"genesis": "genesis_ct", "volf": "volf_ct", "med3d": "medicalnet_mri", "vdt": None}
+CT_WINDOWS = ("genesis_ct", "volf_ct")  # method defaults that only make sense on HU
 DEFAULT_PATCH = {"genesis": (32, 64, 64), "volf": (64, 128, 128), "med3d": (64, 64, 64), "vdt": (224, 224)}
 PHANTOMS = {"n": 8, "seed": 0, "shape": (32, 48, 48), "spacing": (5.0, 5.0, 5.0)}
 CITATIONS = {
@@ -102,13 +103,21 @@ def _split(ids: list[str], cfg: PretrainConfig) -> tuple[list[str], list[str]]:
 
 def _prepared(path: Path, cfg: PretrainConfig, out: Path, progress: bool, *, labelled: bool, name: str = "cache"):
     from ..data.cache import PreparedCache
+    from ..data.modality import dataset_modality
     from ..data.preprocess import build_pipeline
 
     dataset = _load_checked(path, cfg, labelled=labelled)
     if dataset.spatial_dims != 3:
         raise DataError(f"{path}: method {cfg.method} pretrains 3D networks on 3D volumes; this dataset is "
                         f"{dataset.spatial_dims}D (use method vdt for 2D images)")
+    modality = dataset_modality(dataset)
     preset = cfg.data.preset or DEFAULT_PRESET[cfg.method]
+    if cfg.data.preset is None and modality.value == "MRI" and preset in CT_WINDOWS:
+        # an HU window on MRI keeps a sliver of the intensities; these methods need a bounded range, not a z-score
+        log.warning("%s: the data is MRI (%s) but method %s's default preset %r is a CT window; using 'percentile' "
+                    "(0.5-99.5 percentiles to [0, 1]) instead. Set data.preset to choose", path, modality.source,
+                    cfg.method, preset)
+        preset = "percentile"
     pipeline = build_pipeline(preset=preset, spacing=cfg.data.spacing)
     root = (Path(cfg.data.cache_dir) / name) if cfg.data.cache_dir else out / name
     cache = PreparedCache(root)
@@ -116,6 +125,7 @@ def _prepared(path: Path, cfg: PretrainConfig, out: Path, progress: bool, *, lab
     train, val = _split([c.case_id for c in dataset.cases], cfg)
     info = {"path": str(path), "format": dataset.format, "name": dataset.name, "cases": len(dataset.cases),
             "train": train, "val": val, "preset": preset, "spacing": list(cfg.data.spacing or []) or None,
+            "modality": str(modality), "modality_source": modality.source,
             "pipeline": pipeline.to_dict(), "labels": {str(k): v for k, v in dataset.labels.items()}}
     return dataset, cache, train, val, info
 
@@ -184,7 +194,8 @@ def _setup_genesis(cfg: PretrainConfig, out: Path, progress: bool) -> Setup:
         train_ds = CubeArray(cubes, [int(i) for i in train], seed=seed)
         val_ds = CubeArray(cubes, [int(i) for i in val], seed=seed + 1) if val else None
         info = {"path": str(path), "format": "cubes", "cubes": len(cubes), "train": len(train), "val": len(val),
-                "preset": "genesis_ct", "spacing": None}
+                "preset": "genesis_ct", "spacing": None, "modality": "CT", "modality_source": "Models Genesis cubes "
+                "are CT windowed to [-1000, 1000] HU"}
     else:
         _, cache, train, val, info = _prepared(Path(path), cfg, out, progress, labelled=False)
         train_ds = VolumePatches(cache, train, patch, seed=seed)
@@ -370,12 +381,15 @@ def pretrained_cfg_for(cfg: PretrainConfig, setup: Setup, steps: str, file_name:
     data = setup.data
     preset = data.get("preset")
     where = ", ".join(d["path"] for d in data["datasets"]) if "datasets" in data else data.get("path", "")
+    # the modality of the pretraining data, so that fine-tuning can tell a CT start on MRI data (and the reverse)
+    found = sorted({d.get("modality", "unknown") for d in data.get("datasets", [data])} - {"unknown"})
+    modality = " and ".join(found) or ("2D images" if setup.task == "classification" else "unknown")
     spacing = data.get("spacing")
     patch = data.get("patch_size")
     return PretrainedCfg(
         model=split_name(cfg.model.name)[0], tag=f"pretrain_{cfg.method}", file_name=file_name, url="",
         source="medtransfer", arch_kwargs=dict(getattr(setup.model, "arch_kwargs", {}) or {}),
-        num_classes=setup.num_classes if setup.task != "features" else None, modality="CT", in_channels=1,
+        num_classes=setup.num_classes if setup.task != "features" else None, modality=modality, in_channels=1,
         intensity=f"preset {preset}" if preset else "VDT: 0..255 pixels, shared mean 114.495 / std 57.63",
         spacing=tuple(spacing) if spacing else None, patch_size=tuple(patch) if patch else None,
         pretraining=f"{cfg.method} ({METHOD_SUMMARY[cfg.method]}) on {where}, {steps}, seed {cfg.train.seed}",

@@ -240,3 +240,15 @@ def test_data_prepare_default_preset_follows_the_modality(mri, ct, tmp_path):
     result = runner.invoke(app, ["data", "prepare", str(mri), "--out", str(tmp_path / "z"), "--workers", "1",
                                  "--preset", "zscore"])
     assert result.exit_code == 0 and "intensity preset zscore (user config (--preset))" in result.output
+
+
+def test_a_published_file_passed_by_path_keeps_its_published_contract(tmp_path):
+    # MedicalNet's resnet_10.pth downloaded and passed by path: its contract (medicalnet_mri), said to come from
+    # the file name; the same tensors under another name are a foreign file and get the modality default
+    published = validate({"model": {"name": "medicalnet_resnet10", "pretrained": str(tmp_path / "resnet_10.pth")}})
+    c = resolve_contract(published, 3, Modality("CT", "test"))
+    assert c["preset"] == "medicalnet_mri"
+    assert "the file name resnet_10.pth is that of the published file" in c["sources"]["preset"]
+    foreign = validate({"model": {"name": "medicalnet_resnet10", "pretrained": str(tmp_path / "mine.pth")}})
+    c = resolve_contract(foreign, 3, Modality("CT", "test"))
+    assert (c["preset"], c["sources"]["preset"]) == ("genesis_ct", "modality default for CT")

@@ -100,8 +100,9 @@ def initial_weights(cfg: FinetuneConfig):
     ``create_model`` reads it, and words naming them for the run files.
 
     ``pretrained: true``: the model's published weights. A file: the ``PretrainedCfg`` stored in it (``medtransfer
-    pretrain`` output), else none (a foreign file carries no contract, even a copy of a published file: put that
-    in the weights cache and use ``pretrained: true``). From scratch: none, whatever the published weights expect."""
+    pretrain`` output); else, when the file has the name of one of the model's published files (``resnet_10.pth``
+    for ``medicalnet_resnet10``), that file's published contract, said so; else none (a foreign file carries no
+    contract). From scratch: none, whatever the published weights expect."""
     from ..zoo.builder import file_pretrained_cfg
 
     pretrained = _pretrained_value(cfg)
@@ -113,9 +114,21 @@ def initial_weights(cfg: FinetuneConfig):
             return None, f"{cfg.model.name} has no published weights"
         return pcfg, f"weights {pcfg.full_name} ({pcfg.file_name})"
     pcfg = file_pretrained_cfg(pretrained)
-    if pcfg is None:
-        return None, f"file {pretrained} (it carries no input contract)"
-    return pcfg, f"weights {pcfg.full_name} (the contract stored in {pretrained})"
+    if pcfg is not None:
+        return pcfg, f"weights {pcfg.full_name} (the contract stored in {pretrained})"
+    published = _published_by_name(cfg.model.name, Path(pretrained).name)
+    if published is not None:  # a downloaded copy of a published file, passed by path
+        return published, (f"weights {published.full_name} (the file name {Path(pretrained).name} is that of the "
+                           "published file, so its published contract applies)")
+    return None, f"file {pretrained} (it carries no input contract)"
+
+
+def _published_by_name(model_name: str, file_name: str):
+    """The published ``PretrainedCfg`` of ``model_name`` whose file is called ``file_name``, if one is."""
+    from ..zoo.builder import split_name
+    from ..zoo.registry import get_entry
+
+    return next((p for p in get_entry(split_name(model_name)[0]).pretrained if p.file_name == file_name), None)
 
 
 def check_weights(cfg: FinetuneConfig) -> None:

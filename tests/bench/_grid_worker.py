@@ -4,6 +4,7 @@
 whose length depends on the run id (so processes drift apart and meet on every kind of row), appends each run id it
 executes to LOG, announces itself by creating READY, waits for GO (so all workers start claiming together), then runs
 the real CLI: ``medtransfer benchmark CONFIG.yaml --out GRID_DIR --no-report`` and exits with its status.
+With ``MT_HANG_ON=<run id>`` in the environment, that run creates LOG.hang and then hangs (to be killed).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def main(argv: list[str]) -> int:
 
     def run_cell(cfg, cell, pretrained, grid_dir, progress=False):
         rid = cell["run_id"]
+        if rid == os.environ.get("MT_HANG_ON"):
+            Path(log + ".hang").touch()
+            time.sleep(600)
         time.sleep(0.02 + 0.06 * (int(hashlib.sha256(rid.encode()).hexdigest()[:2], 16) % 5))  # 0.02 .. 0.26 s
         with open(log, "a") as f:  # one short O_APPEND write per run: lines of several processes never mix
             f.write(f"{rid} {os.getpid()}\n")

@@ -6,6 +6,7 @@ every run is executed exactly once, every process exits 0, and the store equals 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,17 +31,24 @@ CONFIG = {
 _VOLATILE = ("updated", "duration", "host", "token", "lease_until")
 
 
-def _run_workers(tmp: Path, n: int) -> tuple[list[int], list[str], list[tuple[str, str]], list[dict]]:
-    """Start ``n`` workers on one grid together; their exit codes, outputs, (run id, pid) executions, store rows."""
+def _start(tmp: Path, n: int, **env: str) -> list[subprocess.Popen]:
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "grid.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
+    env = {**os.environ, "PYTHONPATH": str(Path(medtransfer.__file__).resolve().parents[1]), **env}
+    (tmp / "go").unlink(missing_ok=True)
+    for i in range(n):
+        (tmp / f"ready{i}").unlink(missing_ok=True)
+    return [subprocess.Popen([sys.executable, str(WORKER), str(config), str(tmp / "grid"), str(tmp / "executed.log"),
+                              str(tmp / f"ready{i}"), str(tmp / "go")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for i in range(n)]
+
+
+def _run_workers(tmp: Path, n: int) -> tuple[list[int], list[str], list[tuple[str, str]], list[dict]]:
+    """Start ``n`` workers on one grid together; their exit codes, outputs, (run id, pid) executions, store rows."""
+    procs = _start(tmp, n)
     log, go, grid_dir = tmp / "executed.log", tmp / "go", tmp / "grid"
-    env = {**os.environ, "PYTHONPATH": str(Path(medtransfer.__file__).resolve().parents[1])}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(config), str(grid_dir), str(log),
-                               str(tmp / f"ready{i}"), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for i in range(n)]
     deadline = time.monotonic() + 120
     while not all((tmp / f"ready{i}").exists() for i in range(n)):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
@@ -80,3 +88,30 @@ def test_n_processes_on_one_grid_run_every_run_once(tmp_path, single, n):
     reported = [out.count(": dice_mean ") for out in outputs]  # one console line per run a process finished
     assert sum(reported) == 12, outputs
     assert all("run by other processes sharing" in out for out, k in zip(outputs, reported) if k < 12), outputs
+
+
+def test_a_killed_worker_frees_its_run_at_once_for_the_next_one_on_this_host(tmp_path, single):
+    hang = "seg/other/f0.5/s1"
+    (victim,) = _start(tmp_path, 1, MT_HANG_ON=hang)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ready0").exists():
+        assert time.monotonic() < deadline and victim.poll() is None
+        time.sleep(0.02)
+    (tmp_path / "go").touch()
+    while not (tmp_path / "executed.log.hang").exists():
+        assert time.monotonic() < deadline and victim.poll() is None, victim.communicate()[0]
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)  # no cleanup: the row stays running with a fresh 300 s lease
+    victim.wait()
+    with ResultStore(tmp_path / "grid" / "store.sqlite") as store:
+        row = store.row(hang)
+    assert row["status"] == "running" and row["lease_until"] > time.time() + 200
+    t0 = time.monotonic()
+    codes, outputs, executed, rows = _run_workers(tmp_path, 1)
+    assert codes == [0], outputs
+    assert time.monotonic() - t0 < 120  # far less than the lease: the dead local pid freed the row
+    assert (hang, str(victim.pid)) not in executed and any(rid == hang for rid, _ in executed)  # redone
+    assert Counter(rid for rid, _ in executed) == Counter(dict.fromkeys(single, 1))  # the rest: not repeated
+    by_id = {r["run_id"]: r for r in rows}
+    assert by_id[hang]["attempts"] == 2 and {r["attempts"] for r in rows if r["run_id"] != hang} == {1}
+    assert _results(rows) == {k: dict(v, attempts=2) if k == hang else v for k, v in single.items()}

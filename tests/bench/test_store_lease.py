@@ -173,11 +173,21 @@ def test_a_schema_2_store_is_migrated_to_leases(tmp_path):
     assert columns[-3:] == ["preset", "token", "lease_until"]
 
 
-def test_bad_leases_are_refused():
+def test_bad_leases_are_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from medtransfer.cli import app
+
     with pytest.raises(ValueError, match="a lease is a positive number of seconds"):
         Claimant(lease=0)
     with pytest.raises(ValueError, match=r"heartbeat 30 s and lease 10 s: the lease must outlast several heartbeats"):
         grid.run_benchmark({}, lease=10, heartbeat=30)
+    config = tmp_path / "grid.yaml"
+    config.write_text("inits: [{name: scratch}]\ntasks: [{name: seg}]\n")
+    result = CliRunner().invoke(app, ["benchmark", str(config), "--out", str(tmp_path / "g"), "--lease", "-5"])
+    assert result.exit_code == 2 and "lease -5.0: a lease is a positive number of seconds" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "g").exists()  # refused before anything was written
 
 
 # -- the grid -------------------------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ Design choices that make the comparison fair: every initialisation of a trial se
 seeds the split: test cases held out first, then validation, then the nested label-fraction subsets), so paired
 tests apply; one network architecture is shared unless an initialisation names its own.
 
+Several processes may also share one store (on one machine, or on several over a shared file system): each claims
+the next free run in one transaction and holds it by a lease it renews while the run goes on (:mod:`.store`), so
+every run is run once and a dead process's run is taken over once its lease expires.
+
 ``--shard i/n`` runs every n-th cell (of the sorted run ids), so machines or a SLURM array share a grid; each writes
 its own store (``store-<i>of<n>.sqlite``) and ``medtransfer report DIR --merge ...`` merges them.
 """
@@ -40,7 +44,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ..errors import MedTransferError
 from ..train.config import _Section, config_data, format_validation_error
 from ..train.recipes import merge
-from .store import HEARTBEAT_SECONDS, LEASE_SECONDS, _alive_here
+from .store import HEARTBEAT_SECONDS, LEASE_SECONDS, Claimant, _alive_here
 
 log = logging.getLogger(__name__)
 
@@ -318,19 +322,23 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
                   retry_failed: bool = False, progress: bool = True,
                   on_result: Optional[Callable[[dict[str, Any]], None]] = None, overrides=(),
                   echo: Optional[Callable[[str], None]] = None, lease: float = LEASE_SECONDS,
-                  heartbeat: float = HEARTBEAT_SECONDS) -> Path:
+                  heartbeat: Optional[float] = None) -> Path:
     """Run (or resume) the grid; returns the grid folder. Failed cells are recorded and the grid goes on.
 
     Several processes may run one grid (and one store) at once: each claims the next free run from the store
     (:meth:`.store.ResultStore.claim_next`), so every run is run once, and skips what the others finished or hold.
-    A claim is a lease of ``lease`` seconds, renewed every ``heartbeat`` seconds by a thread while the run goes on.
+    A claim is a lease of ``lease`` seconds, renewed every ``heartbeat`` seconds (default: the smaller of
+    :data:`.store.HEARTBEAT_SECONDS` and a fifth of the lease) by a thread while the run goes on.
 
     ``progress``: a live bar (for a terminal); ``echo``: called with one line per finished run and per pretraining
     (for logs and pipes, where a bar cannot redraw); with ``echo`` and no bar, each fine-tune and pretraining also
     prints the training loop's plain progress lines on stderr."""
     from ..weights.io import atomic_write
-    from .store import Claimant, LeaseLost, ResultStore, StoreError, shard_of
+    from .store import LeaseLost, ResultStore, StoreError, shard_of
 
+    claimant = Claimant(lease=lease)
+    if heartbeat is None:
+        heartbeat = min(HEARTBEAT_SECONDS, lease / 5)
     if not 0 < heartbeat < lease:
         raise ValueError(f"heartbeat {heartbeat!r} s and lease {lease!r} s: the lease must outlast several "
                          f"heartbeats, e.g. lease {LEASE_SECONDS:g} and heartbeat {HEARTBEAT_SECONDS:g}")
@@ -342,7 +350,6 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
     ids = [c["run_id"] for c in all_cells]
     mine = shard_of(ids, shard) if shard else ids
     store_name = f"store-{shard.replace('/', 'of')}.sqlite" if shard else "store.sqlite"
-    claimant = Claimant(lease=lease)
     with ResultStore(grid_dir / store_name) as store:
         known = store.get_meta("grid_hash")
         if known is not None and known != grid_hash(cfg):
@@ -432,7 +439,7 @@ class _Heartbeat:
     store connection (SQLite connections stay in their thread). A process that dies stops renewing, so its lease
     expires and another process may take the run over."""
 
-    def __init__(self, path: Path, claimant: Any, every: float) -> None:
+    def __init__(self, path: Path, claimant: Claimant, every: float) -> None:
         self.path, self.claimant, self.every = path, claimant, every
         self.held: Optional[str] = None
         self._stop = threading.Event()
@@ -445,7 +452,7 @@ class _Heartbeat:
     def _run(self) -> None:
         from .store import ResultStore
 
-        store = None
+        store: Optional[ResultStore] = None
         try:
             while not self._stop.wait(self.every):
                 rid = self.held

@@ -238,15 +238,3 @@ def test_cli_exits_1_when_runs_failed(tmp_path, fake_cells, monkeypatch):
     path.write_text(yaml.safe_dump({**CONFIG, "trials": 1, "fractions": [1.0], "out": str(tmp_path / "g")}))
     result = CliRunner().invoke(app, ["benchmark", str(path)])
     assert result.exit_code == 1 and "3 run(s) failed" in result.output and "--retry-failed" in result.output
-
-
-def test_a_row_held_by_another_live_process_is_left_alone():
-    import os
-    import socket
-
-    here = socket.gethostname()
-    assert grid._live_owner({"status": "running", "host": f"{here}:1"}) == f"{here}:1"  # pid 1 always runs
-    assert grid._live_owner({"status": "running", "host": f"{here}:{os.getpid()}"}) is None  # this process
-    assert grid._live_owner({"status": "running", "host": f"{here}:999999999"}) is None  # gone: redo the cell
-    assert grid._live_owner({"status": "running", "host": "elsewhere:1"}) is None  # another host: not knowable
-    assert grid._live_owner({"status": "failed", "host": f"{here}:1"}) is None

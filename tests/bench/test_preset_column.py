@@ -41,7 +41,7 @@ def test_a_schema_1_store_is_migrated_and_reads_preset_none(tmp_path):
     with ResultStore(path) as store:
         (row,) = store.rows()
         assert row["preset"] is None and row["metric"] == 0.5 and row["status"] == "done"
-        assert store.get_meta("store_schema") == 2
+        assert store.get_meta("store_schema") == 3
         store.ensure([{**CELL, "run_id": "seg/genesis/f1/s0", "init": "genesis", "fraction": 1.0, "seed": 0}])
         store.mark_running("seg/genesis/f1/s0")
         store.mark_done("seg/genesis/f1/s0", metric=0.6, metrics={}, steps=3, duration=1.0, run_dir="g",

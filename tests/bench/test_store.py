@@ -40,8 +40,8 @@ def test_schema_created_and_reopened(tmp_path):
     columns = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
     conn.close()
     assert tables == {"runs", "meta"}
-    assert columns[:6] == ["run_id", "init", "task", "fraction", "seed", "status"] and len(columns) == 19
-    assert columns[-1] == "preset"  # schema 2
+    assert columns[:6] == ["run_id", "init", "task", "fraction", "seed", "status"] and len(columns) == 21
+    assert columns[-3:] == ["preset", "token", "lease_until"]  # schema 3
     assert sorted(os.listdir(path.parent)) == ["results.sqlite"]  # rollback journal: no -wal/-shm side files
     with ResultStore(path) as store:
         assert store.get_meta("grid_hash") == "abc123"
@@ -63,7 +63,7 @@ def test_ensure_is_idempotent_and_checks_the_grid(tmp_path):
         "run_id": "genesis-phantom_seg-0.25-1", "init": "genesis", "task": "phantom_seg", "fraction": 0.25,
         "seed": 1, "status": "pending", "metric_name": "dice", "higher_is_better": True, "metric": None,
         "metrics": {}, "steps": None, "duration": None, "run_dir": None, "error": None, "attempts": 0,
-        "shard": None, "host": None, "updated": row["updated"], "preset": None,
+        "shard": None, "host": None, "updated": row["updated"], "preset": None, "token": None, "lease_until": None,
     }
     assert store.row("scratch-phantom_seg-1.0-0")["metric"] == 0.8  # the done row was left as it was
     assert store.row("nope") is None

@@ -11,6 +11,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     from ..cli import _fail
+    from .store import LEASE_SECONDS
 
     @app.command()
     def benchmark(
@@ -20,6 +21,10 @@ def register(app: typer.Typer) -> None:
         retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed cells again."),
         overrides: list[str] = typer.Option([], "--set", help="key=value override, e.g. trials=5 (repeatable)."),
         no_report: bool = typer.Option(False, "--no-report", help="Do not write report.md/html at the end."),
+        lease: float = typer.Option(LEASE_SECONDS, "--lease", metavar="SECONDS",
+                                    help="How long a run stays claimed without renewal (renewed every "
+                                         "min(30, lease/5) s); another process sharing the store takes over a run "
+                                         "of a dead one after this."),
     ) -> None:
         """Run (or resume) a grid of initialisations x tasks x label fractions x trials; results go to
         store.sqlite in the grid folder, one fine-tune + test evaluation per cell, then the report."""
@@ -30,7 +35,7 @@ def register(app: typer.Typer) -> None:
             cfg = load_benchmark_config(config, overrides)
             tty = sys.stderr.isatty()
             grid = run_benchmark(cfg, out=out, shard=shard, retry_failed=retry_failed, progress=tty,
-                                 echo=None if tty else typer.echo)
+                                 echo=None if tty else typer.echo, lease=lease)
             if not no_report and shard is None:
                 _report(grid, [], baseline=cfg.baseline)
             _exit_on_failures(grid / (f"store-{shard.replace('/', 'of')}.sqlite" if shard else "store.sqlite"))

@@ -16,6 +16,10 @@ Design choices that make the comparison fair: every initialisation of a trial se
 seeds the split: test cases held out first, then validation, then the nested label-fraction subsets), so paired
 tests apply; one network architecture is shared unless an initialisation names its own.
 
+Several processes may also share one store (on one machine, or on several over a shared file system): each claims
+the next free run in one transaction and holds it by a lease it renews while the run goes on (:mod:`.store`), so
+every run is run once and a dead process's run is taken over once its lease expires.
+
 ``--shard i/n`` runs every n-th cell (of the sorted run ids), so machines or a SLURM array share a grid; each writes
 its own store (``store-<i>of<n>.sqlite``) and ``medtransfer report DIR --merge ...`` merges them.
 """
@@ -27,6 +31,8 @@ import json
 import logging
 import os
 import socket
+import sqlite3
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -38,6 +44,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ..errors import MedTransferError
 from ..train.config import _Section, config_data, format_validation_error
 from ..train.recipes import merge
+from .store import HEARTBEAT_SECONDS, LEASE_SECONDS, Claimant, _alive_here
 
 log = logging.getLogger(__name__)
 
@@ -233,21 +240,6 @@ class _Lock:
             self.path.unlink(missing_ok=True)
 
 
-def _alive_here(owner: str) -> Optional[bool]:
-    """For a ``host:pid`` owner: True if that process runs on this host, False if it is gone, None when it belongs to
-    another host (or cannot be read), where nothing can be told."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _owner_dead(path: Path) -> bool:
     """True when the lock's owner is a process of this host that no longer runs."""
     try:
@@ -329,15 +321,27 @@ def check_inputs(cfg: BenchmarkConfig) -> None:
 def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Path] = None, shard: Optional[str] = None,
                   retry_failed: bool = False, progress: bool = True,
                   on_result: Optional[Callable[[dict[str, Any]], None]] = None, overrides=(),
-                  echo: Optional[Callable[[str], None]] = None) -> Path:
+                  echo: Optional[Callable[[str], None]] = None, lease: float = LEASE_SECONDS,
+                  heartbeat: Optional[float] = None) -> Path:
     """Run (or resume) the grid; returns the grid folder. Failed cells are recorded and the grid goes on.
+
+    Several processes may run one grid (and one store) at once: each claims the next free run from the store
+    (:meth:`.store.ResultStore.claim_next`), so every run is run once, and skips what the others finished or hold.
+    A claim is a lease of ``lease`` seconds, renewed every ``heartbeat`` seconds (default: the smaller of
+    :data:`.store.HEARTBEAT_SECONDS` and a fifth of the lease) by a thread while the run goes on.
 
     ``progress``: a live bar (for a terminal); ``echo``: called with one line per finished run and per pretraining
     (for logs and pipes, where a bar cannot redraw); with ``echo`` and no bar, each fine-tune and pretraining also
     prints the training loop's plain progress lines on stderr."""
     from ..weights.io import atomic_write
-    from .store import ResultStore, StoreError, shard_of
+    from .store import LeaseLost, ResultStore, StoreError, shard_of
 
+    claimant = Claimant(lease=lease)
+    if heartbeat is None:
+        heartbeat = min(HEARTBEAT_SECONDS, lease / 5)
+    if not 0 < heartbeat < lease:
+        raise ValueError(f"heartbeat {heartbeat!r} s and lease {lease!r} s: the lease must outlast several "
+                         f"heartbeats, e.g. lease {LEASE_SECONDS:g} and heartbeat {HEARTBEAT_SECONDS:g}")
     cfg = load_benchmark_config(cfg, overrides)
     check_inputs(cfg)
     grid_dir = Path(out or cfg.out)
@@ -346,7 +350,6 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
     ids = [c["run_id"] for c in all_cells]
     mine = shard_of(ids, shard) if shard else ids
     store_name = f"store-{shard.replace('/', 'of')}.sqlite" if shard else "store.sqlite"
-    host = f"{socket.gethostname()}:{os.getpid()}"
     with ResultStore(grid_dir / store_name) as store:
         known = store.get_meta("grid_hash")
         if known is not None and known != grid_hash(cfg):
@@ -359,21 +362,27 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
         store.set_meta("config", cfg.model_dump(mode="json"))
         wanted = set(mine)
         store.ensure(c for c in all_cells if c["run_id"] in wanted)
-        todo = store.todo(mine, retry_failed=retry_failed)
+        todo = store.todo(mine, retry_failed=retry_failed)  # for the bar: other processes may take some of them
+        # Each failure is retried once per invocation, and not again when another process has retried it since.
+        retry = {r["run_id"]: r["attempts"] for r in store.rows(status="failed")} if retry_failed else None
         by_id = {c["run_id"]: c for c in all_cells}
         inits = {i.name: i for i in cfg.inits}
         weights: dict[str, Union[bool, str]] = {}
         broken: dict[str, str] = {}  # init -> why its pretraining failed (not retried within this invocation)
         bar = _Bar(progress, len(todo), len(mine) - len(todo), echo)
         lines = echo is not None and not progress  # a log: the training loop's plain progress lines go there too
+        tried: set[str] = set()
+        beat = _Heartbeat(store.path, claimant, heartbeat)
+        held: Optional[str] = None  # the run this process has claimed and not yet recorded
         try:
-            for rid in todo:
+            while True:
+                rid = store.claim_next([r for r in todo if r not in tried], claimant, retry=retry, shard=shard)
+                if rid is None:
+                    break
+                tried.add(rid)
+                held = rid
+                beat.hold(rid)
                 cell = by_id[rid]
-                owner = _live_owner(store.row(rid))
-                if owner:
-                    bar.advance(f"{rid}: skipped, being run by process {owner}")
-                    continue
-                store.mark_running(rid, shard=shard, host=host)
                 t0 = time.perf_counter()
                 try:
                     name = cell["init"]
@@ -387,31 +396,82 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
                             raise
                     result = run_cell(cfg, cell, weights[name], grid_dir, progress=lines)
                 except (KeyboardInterrupt, SystemExit):
-                    raise  # the row stays "running": the next run of the grid redoes it
+                    raise  # the row stays "running", its lease released below: the next run of the grid redoes it
                 except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the grid
                     detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                    store.mark_failed(rid, error=detail, duration=time.perf_counter() - t0)
                     log.warning("run %s failed: %s", rid, detail)
-                    bar.advance(f"{rid}: FAILED ({detail.splitlines()[0][:80]})")
-                    continue
-                store.mark_done(rid, duration=time.perf_counter() - t0, **result)
-                if on_result is not None:
-                    on_result({**cell, **result})
-                bar.advance(f"{rid}: {cell['metric_name']} {result['metric']:.4f}")
+                    result, text = None, f"{rid}: FAILED ({detail.splitlines()[0][:80]})"
+                else:
+                    text = f"{rid}: {cell['metric_name']} {result['metric']:.4f}"
+                beat.hold(None)
+                try:
+                    if result is None:
+                        store.mark_failed(rid, error=detail, duration=time.perf_counter() - t0, claimant=claimant)
+                    else:
+                        store.mark_done(rid, duration=time.perf_counter() - t0, claimant=claimant, **result)
+                        if on_result is not None:
+                            on_result({**cell, **result})
+                except LeaseLost as lost:  # this process stalled past its lease; the other attempt's result counts
+                    log.warning("%s", lost)
+                    text = f"{rid}: result dropped, the run was taken over by another process"
+                held = None
+                bar.advance(text)
         finally:
+            beat.stop()  # before the release: a late renewal must not lease the released row again
+            if held is not None:
+                try:
+                    store.release(held, claimant)
+                except (sqlite3.Error, MedTransferError) as exc:  # the lease then expires on its own
+                    log.warning("could not release the lease on run %s: %s", held, exc)
             bar.close()
+        others = [r for r in todo if r not in tried]
+        if others:
+            status = {r["run_id"]: r["status"] for r in store.rows()}
+            finished = sum(status.get(r) in ("done", "failed") for r in others)
+            busy = [r for r in others if status.get(r) == "running"]
+            (echo or log.info)(f"{finished} run(s) were run by other processes sharing {store.path}"
+                               + (f"; {len(busy)} still being run by them, e.g. {busy[0]}" if busy else ""))
     return grid_dir
 
 
-def _live_owner(row: Optional[dict[str, Any]]) -> Optional[str]:
-    """``host:pid`` of another live process of this host that holds the row as running (two grid processes on one
-    folder must not run one cell twice); None when nobody does."""
-    if not row or row.get("status") != "running" or not row.get("host"):
-        return None
-    owner = str(row["host"])
-    if owner.rpartition(":")[2] == str(os.getpid()) or not _alive_here(owner):
-        return None
-    return owner
+class _Heartbeat:
+    """Renews the lease of the run this process holds, every ``every`` seconds, from a daemon thread with its own
+    store connection (SQLite connections stay in their thread). A process that dies stops renewing, so its lease
+    expires and another process may take the run over."""
+
+    def __init__(self, path: Path, claimant: Claimant, every: float) -> None:
+        self.path, self.claimant, self.every = path, claimant, every
+        self.held: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="medtransfer-lease", daemon=True)
+        self._thread.start()
+
+    def hold(self, run_id: Optional[str]) -> None:
+        self.held = run_id
+
+    def _run(self) -> None:
+        from .store import ResultStore
+
+        store: Optional[ResultStore] = None
+        try:
+            while not self._stop.wait(self.every):
+                rid = self.held
+                if rid is None:
+                    continue
+                try:
+                    store = store or ResultStore(self.path)
+                    if not store.renew(rid, self.claimant):
+                        log.warning("the lease on run %s could not be renewed: another process took it over", rid)
+                        self.held = None
+                except (sqlite3.Error, MedTransferError) as exc:  # a busy or flaky file system: try next beat
+                    log.warning("renewing the lease on run %s failed (%s); retrying in %g s", rid, exc, self.every)
+        finally:
+            if store is not None:
+                store.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class _Bar:

@@ -7,6 +7,11 @@ machines (``--shard i/n``) or partly failed. The store is what makes that safe:
   never half-written (SQLite's rollback journal gives the atomic commit; no WAL, which leaves side files);
 * :meth:`ResultStore.todo` tells a restarted grid exactly which runs remain: a row left ``running`` by a killed
   process is run again and its incomplete attempt replaced, a ``done`` row is never repeated;
+* :meth:`ResultStore.claim_next` lets several processes share one store: checking that a run is free and marking it
+  ``running`` is one transaction, so two processes never start one run, and a running row is held by a *lease*
+  (owner ``host:pid`` plus a random token, ``lease_until``) that its owner renews (:meth:`ResultStore.renew`);
+  another process takes the row over only once the lease has expired, or at once when the owner is a process of
+  this host that no longer runs;
 * :meth:`ResultStore.merge_from` folds a shard's store into another, preferring finished results;
 * :func:`shard_of` splits the run ids into disjoint parts whose union is the whole grid.
 
@@ -23,17 +28,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import secrets
+import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medtransfer.errors import MedTransferError
 
-__all__ = ["StoreError", "ResultStore", "shard_of", "STATUSES"]
+__all__ = ["StoreError", "LeaseLost", "Claimant", "ResultStore", "shard_of", "STATUSES", "LEASE_SECONDS",
+           "HEARTBEAT_SECONDS"]
 
 STATUSES = ("pending", "running", "done", "failed")
 # Which row survives a merge: the higher rank wins (a finished result beats an error beats an unfinished attempt).
@@ -42,10 +52,17 @@ _MERGE_RANK = {"pending": 0, "running": 1, "failed": 2, "done": 3}
 _IDENTITY = ("init", "task", "fraction", "seed", "metric_name", "higher_is_better")
 _COLUMNS = (
     "run_id", "init", "task", "fraction", "seed", "status", "metric_name", "higher_is_better", "metric", "metrics",
-    "steps", "duration", "run_dir", "error", "attempts", "shard", "host", "updated", "preset",
+    "steps", "duration", "run_dir", "error", "attempts", "shard", "host", "updated", "preset", "token", "lease_until",
 )  # fmt: skip
-_SCHEMA_VERSION = 2
-_ADDED = {2: ("preset", "TEXT")}  # version -> the column it added (nullable, so old rows read as unknown)
+_SCHEMA_VERSION = 3
+# version -> the columns it added (nullable, so old rows read as unknown)
+_ADDED = {2: (("preset", "TEXT"),), 3: (("token", "TEXT"), ("lease_until", "REAL"))}
+# How long a claim holds a running row without renewal, and how often its owner renews it. The lease must outlast
+# the longest pause of a live owner (a loaded file system, a laptop lid shut for less than that); a dead owner on
+# another host blocks its run for at most this long. Clocks of the hosts sharing a store must agree to well within
+# LEASE_SECONDS (NTP does).
+LEASE_SECONDS = 300.0
+HEARTBEAT_SECONDS = 30.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -66,7 +83,9 @@ CREATE TABLE IF NOT EXISTS runs (
     shard TEXT,
     host TEXT,
     updated REAL NOT NULL,
-    preset TEXT
+    preset TEXT,
+    token TEXT,
+    lease_until REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -74,6 +93,25 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 class StoreError(MedTransferError):
     """A results store that cannot be used: unreadable, not a store, or at odds with the grid or another store."""
+
+
+class LeaseLost(StoreError):
+    """The run was taken over by another process after this one's lease expired; this attempt's result is not
+    recorded (the other attempt's is)."""
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """Who claims runs: ``host`` (``hostname:pid``), a random ``token`` told apart from any other claim (also from an
+    earlier grid of the same pid), and the ``lease`` in seconds each claim or renewal holds the row for."""
+
+    host: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
+    lease: float = LEASE_SECONDS
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lease, (int, float)) and math.isfinite(self.lease) and self.lease > 0):
+            raise ValueError(f"lease {self.lease!r}: a lease is a positive number of seconds, e.g. {LEASE_SECONDS:g}")
 
 
 class ResultStore:
@@ -127,15 +165,21 @@ class ResultStore:
 
     def _migrate(self) -> None:
         """Bring an older store to :data:`_SCHEMA_VERSION`, one added column per version, in one transaction."""
-        version = self.get_meta("store_schema")
-        if not isinstance(version, int) or not 1 <= version < _SCHEMA_VERSION:
+        if not self._migratable():
             return
         with self._write() as conn:
+            version = self.get_meta("store_schema")  # again under the lock: another process may have migrated it
+            if not self._migratable():
+                return
             for step in range(version + 1, _SCHEMA_VERSION + 1):
-                column, kind = _ADDED[step]
-                if column not in {r[1] for r in conn.execute("PRAGMA table_info(runs)")}:
-                    conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+                for column, kind in _ADDED[step]:
+                    if column not in {r[1] for r in conn.execute("PRAGMA table_info(runs)")}:
+                        conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
             conn.execute("UPDATE meta SET value = ? WHERE key = 'store_schema'", (json.dumps(_SCHEMA_VERSION),))
+
+    def _migratable(self) -> bool:
+        version = self.get_meta("store_schema")
+        return isinstance(version, int) and 1 <= version < _SCHEMA_VERSION
 
     @property
     def _connection(self) -> sqlite3.Connection:
@@ -201,41 +245,98 @@ class ResultStore:
         return added
 
     def mark_running(self, run_id: str, *, shard: str | None = None, host: str | None = None) -> None:
-        """Start an attempt (attempts += 1). A row left ``running`` by a killed process may be started again; its
-        partial results are cleared so the new attempt replaces it. A ``done`` row is never re-run."""
+        """Start an attempt (attempts += 1) whatever holds the row, with no lease: for one process alone on a store.
+        Processes that share a store use :meth:`claim_next`. A row left ``running`` by a killed process may be
+        started again; its partial results are cleared so the new attempt replaces it. A ``done`` row is never
+        re-run."""
         with self._write() as conn:
             self._require(run_id, ("pending", "running", "failed"), "mark_running")
-            conn.execute(
-                "UPDATE runs SET status = 'running', attempts = attempts + 1, shard = ?, host = ?, metric = NULL, "
-                "metrics = '{}', steps = NULL, duration = NULL, run_dir = NULL, error = NULL, preset = NULL, "
-                "updated = ? WHERE run_id = ?",
-                (shard, host, time.time(), run_id),
-            )
+            self._start(conn, run_id, shard=shard, host=host, token=None, lease_until=None, now=time.time())
+
+    @staticmethod
+    def _start(conn: sqlite3.Connection, run_id: str, *, shard: str | None, host: str | None, token: str | None,
+               lease_until: float | None, now: float) -> None:
+        conn.execute(
+            "UPDATE runs SET status = 'running', attempts = attempts + 1, shard = ?, host = ?, token = ?, "
+            "lease_until = ?, metric = NULL, metrics = '{}', steps = NULL, duration = NULL, run_dir = NULL, "
+            "error = NULL, preset = NULL, updated = ? WHERE run_id = ?",
+            (shard, host, token, lease_until, now, run_id),
+        )
+
+    # -- sharing a store between processes ------------------------------------------------------------------------
+    def claim_next(self, run_ids: Iterable[str], claimant: Claimant, *, retry: Mapping[str, int] | None = None,
+                   shard: str | None = None, now: float | None = None) -> str | None:
+        """Start the first of ``run_ids`` that is free, for ``claimant``, and return its id; None when none is.
+
+        Checking and marking are one transaction (the write lock is taken first), so of several processes asking
+        at once each run goes to exactly one. Free are: ``pending`` rows; ``failed`` rows named in ``retry`` whose
+        attempt count is still the one given there (a failure another process has retried since is not retried
+        again); ``running`` rows whose lease has expired or been released, whose owner is a process of this host
+        that no longer runs, or that have no lease and no live owner on this host (written by :meth:`mark_running`
+        or an older medtransfer). A ``running`` row with a fresh lease of another claim is held, and a ``done`` row
+        is never claimed. Ids unknown to the store are skipped. The claim holds the row until
+        ``now + claimant.lease``; :meth:`renew` extends it. ``now`` (default ``time.time()``) is for tests."""
+        now = time.time() if now is None else float(now)
+        with self._write() as conn:
+            state = {r[0]: r[1:] for r in conn.execute(
+                "SELECT run_id, status, attempts, host, token, lease_until FROM runs")}
+            for run_id in run_ids:
+                if run_id in state and _free(run_id, *state[run_id], claimant=claimant, retry=retry, now=now):
+                    self._start(conn, run_id, shard=shard, host=claimant.host, token=claimant.token,
+                                lease_until=now + claimant.lease, now=now)
+                    return run_id
+        return None
+
+    def claim(self, run_id: str, claimant: Claimant, *, retry: Mapping[str, int] | None = None,
+              shard: str | None = None, now: float | None = None) -> bool:
+        """:meth:`claim_next` for one run: True when ``claimant`` now holds it, False when it is not free."""
+        if self.row(run_id) is None:
+            raise StoreError(f"claim({run_id!r}): no such run in {self.path}; add it with ensure() first")
+        return self.claim_next([run_id], claimant, retry=retry, shard=shard, now=now) == run_id
+
+    def renew(self, run_id: str, claimant: Claimant, *, now: float | None = None) -> bool:
+        """Extend ``claimant``'s lease on its running ``run_id`` to ``now + claimant.lease``; False when the row is
+        no longer its claim (finished, or taken over after the lease expired)."""
+        now = time.time() if now is None else float(now)
+        with self._write() as conn:
+            cursor = conn.execute("UPDATE runs SET lease_until = ? WHERE run_id = ? AND status = 'running' AND "
+                                  "token = ?", (now + claimant.lease, run_id, claimant.token))
+        return cursor.rowcount == 1
+
+    def release(self, run_id: str, claimant: Claimant) -> bool:
+        """End ``claimant``'s lease on ``run_id`` without a result (an interrupted attempt): the row stays
+        ``running`` and any process may claim it at once. False when it was not ``claimant``'s running claim."""
+        with self._write() as conn:
+            cursor = conn.execute("UPDATE runs SET lease_until = 0 WHERE run_id = ? AND status = 'running' AND "
+                                  "token = ?", (run_id, claimant.token))
+        return cursor.rowcount == 1
 
     def mark_done(self, run_id: str, *, metric: float, metrics: dict, steps: int | None, duration: float,
-                  run_dir: str, preset: str | None = None) -> None:
+                  run_dir: str, preset: str | None = None, claimant: Claimant | None = None) -> None:
         """Finish the running attempt of ``run_id`` with its primary test ``metric``, every test metric and the
-        intensity ``preset`` its data was prepared with."""
+        intensity ``preset`` its data was prepared with. With ``claimant``, the row must still be its claim, else
+        :class:`LeaseLost` is raised and nothing is written."""
         metric = _finite(metric, "metric", run_id)
         metrics_json = json.dumps({str(k): _finite(v, f"metrics[{k!r}]", run_id) for k, v in metrics.items()},
                                   sort_keys=True)
         with self._write() as conn:
-            self._require(run_id, ("running",), "mark_done")
+            self._require(run_id, ("running",), "mark_done", claimant)
             conn.execute(
                 "UPDATE runs SET status = 'done', metric = ?, metrics = ?, steps = ?, duration = ?, run_dir = ?, "
-                "error = NULL, preset = ?, updated = ? WHERE run_id = ?",
+                "error = NULL, preset = ?, lease_until = NULL, updated = ? WHERE run_id = ?",
                 (metric, metrics_json, None if steps is None else int(steps), float(duration), str(run_dir),
                  None if preset is None else str(preset), time.time(), run_id),
             )
 
     def mark_failed(self, run_id: str, *, error: str, duration: float | None = None,
-                    run_dir: str | None = None) -> None:
-        """Record that the running attempt of ``run_id`` failed with ``error`` (retried only when asked)."""
+                    run_dir: str | None = None, claimant: Claimant | None = None) -> None:
+        """Record that the running attempt of ``run_id`` failed with ``error`` (retried only when asked). With
+        ``claimant``, the row must still be its claim, else :class:`LeaseLost` is raised and nothing is written."""
         with self._write() as conn:
-            self._require(run_id, ("running",), "mark_failed")
+            self._require(run_id, ("running",), "mark_failed", claimant)
             conn.execute(
                 "UPDATE runs SET status = 'failed', error = ?, duration = ?, run_dir = ?, metric = NULL, "
-                "metrics = '{}', updated = ? WHERE run_id = ?",
+                "metrics = '{}', lease_until = NULL, updated = ? WHERE run_id = ?",
                 (str(error), None if duration is None else float(duration),
                  None if run_dir is None else str(run_dir), time.time(), run_id),
             )
@@ -261,10 +362,13 @@ class ResultStore:
         found = cursor.fetchone()
         return None if found is None else _row_dict(cursor, found)
 
-    def _require(self, run_id: str, allowed: tuple[str, ...], action: str) -> dict:
+    def _require(self, run_id: str, allowed: tuple[str, ...], action: str, claimant: Claimant | None = None) -> dict:
         row = self._row(run_id)
         if row is None:
             raise StoreError(f"{action}({run_id!r}): no such run in {self.path}; add it with ensure() first")
+        if claimant is not None and row["token"] != claimant.token:
+            raise LeaseLost(f"{action}({run_id!r}): the run is no longer this process's claim (its lease expired and "
+                            f"{row['host']} took it over, now {row['status']!r}); this attempt's result is dropped")
         if row["status"] not in allowed:
             hint = "call mark_running first" if action != "mark_running" else "a done run is never repeated"
             raise StoreError(f"{action}({run_id!r}): the run is {row['status']!r} (expected one of {list(allowed)}); "
@@ -368,6 +472,40 @@ def shard_of(run_ids: Sequence[str], shard: str) -> list[str]:
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
+def _free(run_id: str, status: str, attempts: int, host: str | None, token: str | None, lease_until: float | None, *,
+          claimant: Claimant, retry: Mapping[str, int] | None, now: float) -> bool:
+    """Whether ``claimant`` may start the run of a row in this state (see :meth:`ResultStore.claim_next`)."""
+    if status == "pending":
+        return True
+    if status == "failed":
+        return retry is not None and retry.get(run_id) == attempts
+    if status != "running":
+        return False
+    if token is not None and token == claimant.token:
+        return True  # already ours
+    alive = _alive_here(host) if host else None
+    if lease_until is None:
+        return alive is not True or host == claimant.host  # no lease: only a live local owner can be told
+    return lease_until <= now or alive is False  # an expired or released lease; a dead local owner at once
+
+
+def _alive_here(owner: str) -> bool | None:
+    """For a ``host:pid`` owner: True if that process runs on this host, False if it is gone, None when it belongs to
+    another host (or cannot be read), where nothing can be told."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):  # a pid no process can have
+        return False
+    return True
+
+
 def _cell_values(cell: dict) -> dict:
     missing = [k for k in ("run_id", *_IDENTITY) if k not in cell]
     if missing:

@@ -38,8 +38,9 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")  # pragma: no cover - a relative path whose every part is missing
 
 
-def _check_can_create_in(path: Path, what: str) -> None:
-    base = _nearest_existing(path.parent if not path.exists() else path)
+def _check_can_create_in(folder: Path, path: Path, what: str) -> None:
+    """``folder`` (``path`` or its parent) exists as a writable folder, or can be made inside one."""
+    base = _nearest_existing(folder)
     if not base.is_dir():
         raise OutputPathError(f"{what} {path}: {base} is a file, so nothing can be created under it; give a path "
                               "inside a folder")
@@ -55,7 +56,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{what} {path} is a file; give a folder (a new or an existing one)")
-    _check_can_create_in(path, what)
+    _check_can_create_in(path, path, what)
     return path
 
 
@@ -66,7 +67,7 @@ def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise OutputPathError(f"{what} {path} is a folder; give a file name")
-    _check_can_create_in(path, what)
+    _check_can_create_in(path.parent, path, what)
     return path
 
 

@@ -341,7 +341,7 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
 
     cfg = load_benchmark_config(cfg, overrides)
     check_inputs(cfg)
-    grid_dir = check_output_dir(Path(out or cfg.out), "grid folder")  # before the first run writes anything
+    grid_dir = check_output_dir(Path(out or cfg.out), "grid folder (out)")  # before the first run writes anything
     grid_dir.mkdir(parents=True, exist_ok=True)
     all_cells = cells(cfg)
     ids = [c["run_id"] for c in all_cells]

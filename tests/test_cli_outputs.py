@@ -276,7 +276,7 @@ def test_os_errors_become_one_sentence_naming_the_path_and_the_fix(tmp_path):
         "run again")
 
 
-def test_torch_writer_failures_are_recognised_and_reader_failures_are_not():
+def test_write_failures_without_errno_are_recognised_and_read_failures_are_not():
     full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     full.output_path = Path("/run/checkpoints/last.pt")
     assert paths.describe_write_failure(full) == (
@@ -286,6 +286,12 @@ def test_torch_writer_failures_are_recognised_and_reader_failures_are_not():
     read = RuntimeError("[enforce fail at inline_container.cc:225] . PytorchStreamReader failed reading zip archive")
     assert paths.describe_write_failure(read) is None
     assert paths.describe_write_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    import sqlite3
+
+    assert paths.describe_write_failure(sqlite3.OperationalError("database or disk is full")) == (
+        "could not write a results store: the disk is full (database or disk is full); free some space and run the "
+        "same command again (finished runs are kept)")
+    assert paths.describe_write_failure(sqlite3.OperationalError("no such table: runs")) is None
 
 
 @pytest.mark.parametrize("bug", [KeyError("oops"), RuntimeError("shapes cannot be multiplied"), ZeroDivisionError()])

@@ -16,8 +16,8 @@ from typer.core import TyperGroup
 
 class _Commands(TyperGroup):
     """The root command group: whatever command runs, an error of the OS (a full disk, a read-only folder, a file
-    where a folder is needed) or of torch's checkpoint writer ends as one line and exit 1, a medtransfer error not
-    caught by its command as one line and exit 2. Any other exception is a bug and keeps its traceback.
+    where a folder is needed), of torch's checkpoint writer or of SQLite on a full disk ends as one line and exit 1, a
+    medtransfer error not caught by its command as one line and exit 2. Any other exception is a bug and keeps its traceback.
 
     Sitting in ``invoke`` (not ``main``) it also holds under ``typer.testing.CliRunner().invoke(app, ...)``."""
 
@@ -35,7 +35,7 @@ class _Commands(TyperGroup):
             if exc.errno == errno.EPIPE:  # click's own handling of a closed pipe (`| head`)
                 raise
             _fail(describe_os_error(exc), code=1)
-        except RuntimeError as exc:
+        except Exception as exc:  # torch's and SQLite's write failures carry no errno
             message = describe_write_failure(exc)
             if message is None:
                 raise

@@ -117,9 +117,15 @@ _TORCH_WRITER_MARKS = ("PytorchStreamWriter", "unexpected pos")
 
 
 def describe_write_failure(exc: BaseException) -> Optional[str]:
-    """The sentence for torch's ``RuntimeError`` from a failed checkpoint write, or None for any other error.
+    """The sentence for a failed write that does not come as an ``OSError``, or None for any other error: torch's
+    ``RuntimeError`` from its checkpoint writer, SQLite's "database or disk is full" (a benchmark store).
 
     Read errors (``PytorchStreamReader``, also from ``inline_container.cc``) are not write failures."""
+    import sqlite3
+
+    if isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc):
+        return (f"could not write a results store: the disk is full ({exc}); free some space and run the same "
+                "command again (finished runs are kept)")
     if not isinstance(exc, RuntimeError):
         return None
     text = str(exc)

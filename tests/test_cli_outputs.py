@@ -2,7 +2,8 @@
 `error:` line naming the path (exit 1 or 2), never a traceback, and what was there before is left as it was.
 
 Tests run as root in CI, for whom a 0o555 folder is writable; the read-only folder is therefore simulated (writes
-under it fail with EACCES, as they would for a user) and, when not root, also made real with chmod."""
+under it fail with EACCES, as they would for a user) and, where the OS enforces it (not root, or root without
+CAP_DAC_OVERRIDE: `setpriv --bounding-set -dac_override ...`), also made real with chmod alone."""
 
 from __future__ import annotations
 
@@ -135,12 +136,15 @@ def test_an_output_that_is_a_file_is_refused_and_left_intact(command, where, tmp
 
 
 @pytest.fixture
-def read_only(monkeypatch):
+def read_only(monkeypatch, request):
     """``read_only(folder)``: from now on, writes under ``folder`` fail with EACCES, as for a user without the
-    right; the output-path check sees it as not writable."""
+    right; the output-path check sees it as not writable. ``how`` "chmod": mode 0o555 and nothing else."""
 
     def make(folder: Path) -> Path:
         folder = folder.resolve()
+        if request.node.callspec.params["how"] == "chmod":
+            folder.chmod(0o555)  # the test restores it
+            return folder
 
         def blocked(path) -> bool:
             if isinstance(path, int):
@@ -176,22 +180,38 @@ def read_only(monkeypatch):
         for name in ("mkdir", "replace", "rename", "unlink", "remove", "rmdir"):
             monkeypatch.setattr(os, name, guard(getattr(os, name)))
         monkeypatch.setattr(paths, "writable", lambda f: not blocked(f) and real_writable(f))
-        if os.geteuid() != 0:  # a real read-only folder too where the OS enforces it (the test restores it)
-            folder.chmod(0o555)
         return folder
 
     return make
 
 
+def _permissions_enforced() -> bool:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o555)
+        try:
+            return not os.access(folder, os.W_OK)
+        finally:
+            os.chmod(folder, 0o755)
+
+
+ENFORCED = _permissions_enforced()
+
+
+@pytest.mark.parametrize("how", ["simulated", pytest.param("chmod", marks=pytest.mark.skipif(
+    not ENFORCED, reason="this process writes into a 0o555 folder (root)"))])
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_read_only_folder_is_refused_and_left_intact(command, tmp_path, phantoms, run, read_only):
+def test_a_read_only_folder_is_refused_and_left_intact(command, how, tmp_path, phantoms, run, read_only):
     ro = tmp_path / "ro"
-    ro.mkdir()
+    if command == "evaluate":  # the run folder itself is read-only
+        shutil.copytree(run, ro)
+    else:
+        ro.mkdir()
     (ro / "earlier.txt").write_text("earlier results\n")
     target = ro / "new"
     if command == "evaluate":
-        shutil.copytree(run, ro / "run")
-        target = ro / "run"
+        target = ro
     elif command == "report":
         from medtransfer.bench.store import ResultStore
 
@@ -242,7 +262,7 @@ def test_check_output_dir_refuses_a_file_a_path_under_one_and_a_folder_that_cann
         paths.check_output_dir(tmp_path / "new")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0o555 folder")
+@pytest.mark.skipif(not ENFORCED, reason="this process writes into a 0o555 folder (root)")
 def test_a_real_read_only_folder_is_not_writable(tmp_path):
     tmp_path.chmod(0o555)
     try:

@@ -6,6 +6,7 @@ says which file could not be written, in one line, exit 1."""
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from medtransfer.cli import app
 from medtransfer.data.phantoms import write_phantom_dataset
+from medtransfer.paths import describe_os_error
 from medtransfer.weights.io import atomic_write
 
 TORCH_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"
@@ -91,3 +93,30 @@ def test_finetune_on_a_full_disk_says_which_file_in_one_line_and_keeps_the_earli
     assert not list(run.rglob("*.tmp"))
     assert torch.load(best, weights_only=True)["step"] == 1  # the step-1 checkpoint still loads
 
+
+
+def test_atomic_write_names_the_target_when_the_temporary_file_cannot_be_made(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # what mkstemp meets in a folder this process cannot write
+        if Path(os.fsdecode(path)).parent == tmp_path and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(PermissionError) as err:
+        atomic_write(tmp_path / "report.md", lambda tmp: tmp.write_text("x"))
+    assert Path(err.value.filename).name.startswith(".report.md.")
+    assert err.value.output_path == tmp_path / "report.md"
+    assert describe_os_error(err.value) == (f"could not write {tmp_path / 'report.md'}: permission denied; choose a "
+                                            "folder you can write to")
+
+
+def test_atomic_write_keeps_the_name_of_another_file_it_could_not_use(tmp_path):
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the folder should be")
+    with pytest.raises(OSError) as err:
+        atomic_write(blocker / "seg" / "config.yaml", lambda tmp: tmp.write_text("x"))
+    assert getattr(err.value, "output_path", None) is None and err.value.filename == str(blocker / "seg")
+    assert describe_os_error(err.value) == (f"{blocker / 'seg'}: {blocker} is a file, not a folder; give a path "
+                                            "inside a folder")

@@ -16,8 +16,9 @@ from typer.core import TyperGroup
 
 class _Commands(TyperGroup):
     """The root command group: whatever command runs, an error of the OS (a full disk, a read-only folder, a file
-    where a folder is needed), of torch's checkpoint writer or of SQLite on a full disk ends as one line and exit 1, a
-    medtransfer error not caught by its command as one line and exit 2. Any other exception is a bug and keeps its traceback.
+    where a folder is needed), of torch's checkpoint writer or of SQLite on a full disk ends as one line and exit 1,
+    a medtransfer error not caught by its command as one line and exit 2. Any other exception is a bug and keeps its
+    traceback.
 
     Sitting in ``invoke`` (not ``main``) it also holds under ``typer.testing.CliRunner().invoke(app, ...)``."""
 

@@ -192,8 +192,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """Call ``write(tmp_path)`` then rename onto ``path``; on any failure the old ``path`` is untouched and the
     temporary file is removed.
 
-    An ``OSError`` or ``RuntimeError`` (torch's zip writer on a full disk) leaves with ``output_path`` set to ``path``,
-    so the CLI names the file the user asked for rather than the temporary one. The file gets the mode any other tool
+    An ``OSError`` about the temporary file (or about no file) or a ``RuntimeError`` (torch's zip writer on a full
+    disk) leaves with ``output_path`` set to ``path``, so the CLI names the file the user asked for rather than the
+    temporary one. The file gets the mode any other tool
     would give it: 0666 minus the umask (0644 under the usual 022)."""
     path = Path(path)
     tmp_path: Path | None = None
@@ -209,7 +210,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     except BaseException as exc:
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, RuntimeError)) and getattr(exc, "output_path", None) is None:
+        # an OSError about another file (a folder above that could not be made) keeps its own name
+        named = getattr(exc, "filename", None)
+        temporary = named is not None and Path(os.fsdecode(named)).parent == path.parent and \
+            Path(os.fsdecode(named)).name.startswith(f".{path.name}.")
+        if isinstance(exc, (OSError, RuntimeError)) and getattr(exc, "output_path", None) is None and \
+                (named is None or temporary):
             exc.output_path = path  # type: ignore[attr-defined]
         raise
     return path

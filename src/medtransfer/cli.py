@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -10,8 +11,40 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+
+class _Commands(TyperGroup):
+    """The root command group: whatever command runs, an error of the OS (a full disk, a read-only folder, a file
+    where a folder is needed), of torch's checkpoint writer or of SQLite on a full disk ends as one line and exit 1,
+    a medtransfer error not caught by its command as one line and exit 2. Any other exception is a bug and keeps its
+    traceback.
+
+    Sitting in ``invoke`` (not ``main``) it also holds under ``typer.testing.CliRunner().invoke(app, ...)``."""
+
+    def invoke(self, ctx):
+        from .errors import MedTransferError
+        from .paths import describe_os_error, describe_write_failure
+
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except MedTransferError as exc:  # before OSError: WeightsNotFoundError is both
+            _fail(exc)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:  # click's own handling of a closed pipe (`| head`)
+                raise
+            _fail(describe_os_error(exc), code=1)
+        except Exception as exc:  # torch's and SQLite's write failures carry no errno
+            message = describe_write_failure(exc)
+            if message is None:
+                raise
+            _fail(message, code=1)
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="medtransfer",
     help="Transfer learning for 3D (and 2D) medical image analysis: a model zoo that loads every published "
     "checkpoint of MedicalNet, VDT, Models Genesis, MIS-FM and BenchmarkTransferLearning with a load report.",
@@ -61,8 +94,11 @@ def _main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _fail(exc: Exception, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+def _fail(exc: Exception | str, code: int = 2) -> None:
+    """Print one ``error:`` line and exit: 2 for a refused input (the default), 1 for a failure of the OS."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=code)
 
 
@@ -215,9 +251,11 @@ def zoo_convert(
 ) -> None:
     """Convert a weight file to medtransfer's normalised format (safetensors + JSON metadata) and print the report."""
     from .errors import MedTransferError
+    from .paths import check_output_file
     from .zoo.tools import convert_checkpoint
 
     try:
+        check_output_file(out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors"), "--out")
         path, report = convert_checkpoint(
             file,
             model,
@@ -337,8 +375,10 @@ def data_phantoms(
     """
     from .data.phantoms import write_phantom_dataset
     from .errors import MedTransferError
+    from .paths import check_output_dir
 
     try:
+        check_output_dir(out, "--out")
         path = write_phantom_dataset(out, n, seed, shape=(size, size, size), spacing=(spacing,) * 3, with_2d=not no_2d)
     except MedTransferError as exc:
         _fail(exc)
@@ -363,7 +403,9 @@ def data_cubes(
     Exits 1, writing nothing, when no volume gives a cube, saying why for each."""
     from .data.cubes import CubeConfig, NoCubesError, extract_cubes_from_dataset
     from .errors import MedTransferError
+    from .paths import check_output_dir
 
+    check_output_dir(out, "--out")  # a refusal is reported by _Commands, like every MedTransferError
     dataset = _load_dataset(path, fmt)
     try:
         d, h, w = (int(s) for s in cube_size.split(","))
@@ -399,9 +441,11 @@ def data_prepare(
     from .data.modality import choose_preset, dataset_modality
     from .data.preprocess import build_pipeline, preset as known_preset
     from .errors import MedTransferError
+    from .paths import check_output_dir
 
     if modality.upper() not in ("AUTO", "CT", "MRI"):
         _fail(MedTransferError(f"--modality {modality!r}: choose auto, CT or MRI"))
+    check_output_dir(out, "--out")  # a refusal is reported by _Commands, like every MedTransferError
     dataset = _load_dataset(path, fmt)
     try:
         if preset is not None:

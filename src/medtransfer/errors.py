@@ -30,3 +30,8 @@ class CheckpointMismatchError(MedTransferError):
 
 class DataError(MedTransferError):
     """An image or dataset that cannot be used as it is: the message names the file and the fix."""
+
+
+class OutputPathError(MedTransferError):
+    """An output path a command may not write (a file where a folder is needed, a path under a file, a folder that
+    cannot be written); raised before the command computes or writes anything."""

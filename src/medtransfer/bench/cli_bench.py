@@ -64,10 +64,12 @@ def register(app: typer.Typer) -> None:
         """The main job on the embedded phantoms: pretrain (Models Genesis, Volume Fusion, Med3D-style), benchmark
         against scratch at two label fractions x three trials, print the table and write the report."""
         from ..errors import MedTransferError
+        from ..paths import check_output_dir
         from .demo import run_demo
 
         target = out or Path("runs/demo-quick" if quick else "runs/demo")
         try:
+            check_output_dir(target, "--out")
             run_demo(target, quick=quick, progress=sys.stderr.isatty(), echo=typer.echo)
             _exit_on_failures(target / "store.sqlite")
         except (MedTransferError, ValueError) as exc:
@@ -88,9 +90,11 @@ def _exit_on_failures(store_path: Path) -> None:
 
 def _report(grid: Path, merge: list[Path], *, baseline: Optional[str]) -> None:
     from ..errors import MedTransferError
+    from ..paths import check_output_dir
     from .report import format_table, results_table, write_report
     from .store import ResultStore
 
+    check_output_dir(grid, "GRID")  # report.md/html go there
     path = grid / "store.sqlite"
     if not path.is_file() and not merge:
         raise MedTransferError(f"{grid}: no store.sqlite here; run `medtransfer benchmark CONFIG --out {grid}` first")

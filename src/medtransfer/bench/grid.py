@@ -333,6 +333,7 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
     ``progress``: a live bar (for a terminal); ``echo``: called with one line per finished run and per pretraining
     (for logs and pipes, where a bar cannot redraw); with ``echo`` and no bar, each fine-tune and pretraining also
     prints the training loop's plain progress lines on stderr."""
+    from ..paths import check_output_dir
     from ..weights.io import atomic_write
     from .store import LeaseLost, ResultStore, StoreError, shard_of
 
@@ -344,7 +345,7 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
                          f"heartbeats, e.g. lease {LEASE_SECONDS:g} and heartbeat {HEARTBEAT_SECONDS:g}")
     cfg = load_benchmark_config(cfg, overrides)
     check_inputs(cfg)
-    grid_dir = Path(out or cfg.out)
+    grid_dir = check_output_dir(Path(out or cfg.out), "grid folder (out)")  # before the first run writes anything
     grid_dir.mkdir(parents=True, exist_ok=True)
     all_cells = cells(cfg)
     ids = [c["run_id"] for c in all_cells]

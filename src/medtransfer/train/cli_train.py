@@ -123,9 +123,12 @@ def register(app: typer.Typer) -> None:
         """Write a label map per input (NIfTI by default), on the input's grid (class probabilities mapped back by
         world coordinates, then the argmax). Clashing output names are refused before anything is written."""
         from ..errors import MedTransferError
+        from ..paths import check_output_dir
         from .apply import predict as run_predict
 
         try:
+            if out is not None:  # a file or read-only folder is refused before the model is loaded
+                check_output_dir(out, "--out")
             paths = run_predict(run_dir, inputs, out if out is not None else run_dir / "predictions",
                                 window_size=_window(window), overlap=overlap, batch_size=window_batch,
                                 memory_gb=memory_gb, fmt=fmt, overwrite=overwrite)

@@ -189,21 +189,34 @@ def current_umask() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``; on any failure the old ``path`` is untouched.
+    """Call ``write(tmp_path)`` then rename onto ``path``; on any failure the old ``path`` is untouched and the
+    temporary file is removed.
 
-    The file gets the mode any other tool would give it: 0666 minus the umask (0644 under the usual 022)."""
+    An ``OSError`` about the temporary file (or about no file) or a ``RuntimeError`` (torch's zip writer on a full
+    disk) leaves with ``output_path`` set to ``path``, so the CLI names the file the user asked for rather than the
+    temporary one. The file gets the mode any other tool
+    would give it: 0666 minus the umask (0644 under the usual 022)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         write(tmp_path)
         # mkstemp (and writers that replace the file, such as safetensors) leave it 0600 whatever the umask
         os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        # an OSError about another file (a folder above that could not be made) keeps its own name
+        named = getattr(exc, "filename", None)
+        temporary = named is not None and Path(os.fsdecode(named)).parent == path.parent and \
+            Path(os.fsdecode(named)).name.startswith(f".{path.name}.")
+        if isinstance(exc, (OSError, RuntimeError)) and getattr(exc, "output_path", None) is None and \
+                (named is None or temporary):
+            exc.output_path = path  # type: ignore[attr-defined]
         raise
     return path
 

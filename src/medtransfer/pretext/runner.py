@@ -433,7 +433,8 @@ def run_pretrain(cfg: PretrainConfig | str | Path | dict, *, resume: bool = Fals
         cfg = {**read_yaml(Path(cfg) / "config.yaml"), "out": str(cfg)}
     cfg = load_pretrain_config(cfg, overrides)
     out = Path(cfg.out)
-    check_run_folder(out, resume=resume, overwrite=overwrite, command="pretrain")
+    if rank_zero():  # under torchrun the other ranks may start after rank 0 has begun writing the run
+        check_run_folder(out, resume=resume, overwrite=overwrite, command="pretrain")
     changed = []
     if resume:
         changed = check_resume_config(load_pretrain_config(out / "config.yaml"), cfg, out)

@@ -62,7 +62,8 @@ def interrupted(exc: KeyboardInterrupt, command: str, run_dir: Path) -> None:
     if isinstance(exc, TrainingInterrupted):
         line = exc.message(f"medtransfer {command} --out {exc.run_dir} --resume")
     else:
-        line = f"interrupted before training started; nothing was trained in {run_dir}"
+        line = (f"interrupted before training started; nothing was trained in {run_dir}; run the command again "
+                "(with --overwrite if the folder holds a run's files)")
     typer.echo(line, err=True)
     raise typer.Exit(code=130)
 

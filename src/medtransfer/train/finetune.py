@@ -337,7 +337,12 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
 
     cfg = load_config(resume_source(cfg) if resume else cfg)
     out = Path(cfg.out)
-    check_run_folder(out, resume=resume, overwrite=overwrite, command="finetune")
+    from .distributed import barrier, init_distributed
+
+    rank, world = init_distributed()
+    main = rank == 0
+    if main:  # under torchrun the other ranks may start after rank 0 has begun writing the run
+        check_run_folder(out, resume=resume, overwrite=overwrite, command="finetune")
     changed = False
     if resume:
         cfg, changed = resumed_config(cfg, out)
@@ -351,10 +356,6 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
 
     # Under torchrun, rank 0 writes the phantoms, checks the data and fills the cache while the others wait; they
     # then read what it wrote (their own prepare finds nothing to do). Only rank 0 writes the run's files.
-    from .distributed import barrier, init_distributed
-
-    rank, world = init_distributed()
-    main = rank == 0
     if world > 1 and not main:
         barrier()
     dataset, data_path = _dataset(cfg, out)
@@ -379,12 +380,6 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     if main and overwrite:
         clear_run(out, keep=Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
-    if main:  # everything checked: the run's files from here on, config.yaml first (it marks the run folder)
-        if not resume or changed:
-            dump_config(cfg, out / "config.yaml")
-        if not resume:
-            _write_json(out / "contract.json", contract)
-            split.save(out / "split.json")
 
     pipeline = build_pipeline(preset=contract["preset"], spacing=contract["spacing"])
     cache = PreparedCache(cache_dir)
@@ -398,15 +393,20 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
            "data_path": str(data_path), "data_format": cfg.data.format}
     torch.manual_seed(seed)
     model = _build_model(run, cfg, _pretrained_value(cfg))
-    if model.load_report is not None and main and not resume:
-        _write_json(out / "load_report.json", model.load_report.to_dict())
     run["divisor"] = list(model_divisor(model, dataset.spatial_dims))
     patch = tuple(contract["patch_size"])
     if task == "segmentation" and any(p % d for p, d in zip(patch, run["divisor"])):
         raise MedTransferError(f"data.patch_size {list(patch)} must be a multiple of {run['divisor']} on every axis "
                                f"for {cfg.model.name} segmentation (its network stride)")
-    if main and not resume:
-        _write_json(out / "run.json", run)
+    if main:  # everything checked (only the phantoms and the cache were written): the run's files from here on
+        if not resume or changed:
+            dump_config(cfg, out / "config.yaml")
+        if not resume:
+            _write_json(out / "contract.json", contract)
+            split.save(out / "split.json")
+            _write_json(out / "run.json", run)
+            if model.load_report is not None:
+                _write_json(out / "load_report.json", model.load_report.to_dict())
 
     if task == "segmentation":
         train_ds = PatchDataset(cache, split.train, patch, seed=seed)

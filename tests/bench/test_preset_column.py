@@ -95,7 +95,7 @@ def test_report_shows_the_preset_per_init_and_notes_a_difference(tmp_path):
 def test_grid_records_each_runs_preset_from_its_contract(tmp_path, monkeypatch):
     from medtransfer.train import finetune
 
-    def fake_finetune(cfg, progress=False):
+    def fake_finetune(cfg, progress=False, **kw):  # the grid passes overwrite=True for a cell it redoes
         out = Path(cfg["out"])
         out.mkdir(parents=True, exist_ok=True)
         preset = "zscore" if cfg["model"]["pretrained"] is True else "genesis_ct"

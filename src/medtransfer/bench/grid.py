@@ -204,7 +204,7 @@ def _pretrained(cfg: BenchmarkConfig, init: InitConfig, grid_dir: Path, progress
         atomic_write(marker, lambda tmp: tmp.write_text(json.dumps({"hash": key, "done": False}) + "\n"))
         if echo is not None:
             echo(f"pretraining {init.name} ({resolved.method}){' (resuming)' if resume else ''} into {out}")
-        run_pretrain(resolved, progress=progress, resume=resume)
+        run_pretrain(resolved, progress=progress, resume=resume, overwrite=not resume)  # the grid owns the folder
         atomic_write(marker, lambda tmp: tmp.write_text(json.dumps({"hash": key, "done": True}) + "\n"))
     return str(product)
 
@@ -282,7 +282,7 @@ def run_cell(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Union[bool,
     from ..train.finetune import evaluate, run_finetune
 
     ft = finetune_config(cfg, cell, pretrained, grid_dir)
-    run_dir = run_finetune(ft, progress=progress)
+    run_dir = run_finetune(ft, progress=progress, overwrite=True)  # a cell redone replaces its own earlier try
     summary = json.loads((evaluate(run_dir, split="test") / "summary.json").read_text())
     metrics = {k: float(v) for k, v in summary["metrics"].items() if isinstance(v, (int, float)) and math.isfinite(v)}
     name = cell["metric_name"]

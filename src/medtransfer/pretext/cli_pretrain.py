@@ -18,12 +18,20 @@ _METHODS_HELP = "; ".join(f"{name}: {text}" for name, text in METHOD_SUMMARY.ite
 
 def build_pretrain_config(config: Optional[Path], *, method: Optional[str] = None, model: Optional[str] = None,
                           data: Optional[list[Path]] = None, recipe: Optional[str] = None,
-                          seed: Optional[int] = None, out: Optional[Path] = None, overrides: tuple[str, ...] | list[str] = ()):
-    """The validated :class:`~medtransfer.pretext.config.PretrainConfig` of a command line."""
+                          seed: Optional[int] = None, out: Optional[Path] = None, overrides: tuple[str, ...] | list[str] = (),
+                          resume: bool = False):
+    """The validated :class:`~medtransfer.pretext.config.PretrainConfig` of a command line (``resume``: on top of
+    the run folder's ``config.yaml``, as ``finetune --resume``)."""
+    from ..train.cli_train import resume_base
     from ..train.config import read_yaml
+    from ..train.recipes import merge
     from .config import load_pretrain_config
 
     base: dict[str, Any] = read_yaml(config) if config is not None else {}
+    if resume:
+        run_dir = out if out is not None else base.get("out")
+        base = merge(resume_base(run_dir, "pretrain"), base)
+        out = Path(run_dir)
     if method is not None:
         base["method"] = method
     if model is not None:
@@ -58,18 +66,26 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/pretrain)."),
         overrides: list[str] = typer.Option([], "--set", help="key=value override, e.g. train.max_steps=100, "
                                             "options.flip_rate=0.5 (repeatable)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue from <out>/checkpoints/last.pt."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints/last.pt "
+                                    "and config.yaml; other options may only repeat the saved values (or change "
+                                    "train.max_steps, train.max_epochs, data.workers)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (its files are "
+                                       "removed first)."),
     ) -> None:
         from ..errors import MedTransferError
+        from ..train.cli_train import interrupted
         from .runner import run_pretrain
 
         try:
             cfg = build_pretrain_config(config, method=method, model=model, data=data, recipe=recipe, seed=seed,
-                                        out=out, overrides=overrides)
+                                        out=out, overrides=overrides, resume=resume)
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
         try:
-            run_dir = run_pretrain(cfg, resume=resume, progress=True)  # a bar on a terminal, else plain lines
+            # a bar on a terminal, else plain lines
+            run_dir = run_pretrain(cfg, resume=resume, overwrite=overwrite, progress=True)
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
+        except KeyboardInterrupt as exc:
+            interrupted(exc, "pretrain", Path(cfg.out))
         typer.echo(str(run_dir / "pretrained.safetensors"))

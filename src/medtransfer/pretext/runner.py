@@ -402,13 +402,13 @@ def pretrained_cfg_for(cfg: PretrainConfig, setup: Setup, steps: str, file_name:
 def export_pretrained(cfg: PretrainConfig, setup: Setup, run_dir: Path, steps: int) -> Path:
     """Write ``pretrained.safetensors`` from the best checkpoint (else the model as trained)."""
     from .. import provenance
-    from ..train.checkpoint import load_run_checkpoint
+    from ..train.checkpoint import read_run_checkpoint
     from ..weights.io import save_safetensors
 
     model = setup.model
     best = run_dir / "checkpoints" / "best.pt"
     if best.is_file():
-        saved = load_run_checkpoint(best)
+        saved = read_run_checkpoint(best, advice="delete it to export the last weights instead")
         model.load_state_dict(saved["model"])
         trained = f"best validation loss at step {int(saved.get('step', steps))} of {steps} optimiser steps"
     else:
@@ -425,17 +425,39 @@ def export_pretrained(cfg: PretrainConfig, setup: Setup, run_dir: Path, steps: i
 
 
 def run_pretrain(cfg: PretrainConfig | str | Path | dict, *, resume: bool = False, progress: bool = True,
-                 overrides: tuple[str, ...] = ()) -> Path:
-    """Pretrain as ``cfg`` says; returns the run folder (see the module docstring for its content)."""
+                 overrides: tuple[str, ...] = (), overwrite: bool = False) -> Path:
+    """Pretrain as ``cfg`` says; returns the run folder (see the module docstring for its content).
+
+    The run-folder rule of :func:`medtransfer.train.finetune.run_finetune`: a new run needs a new or empty folder
+    (``overwrite`` clears an old run there first); ``resume`` continues the run with its saved ``config.yaml``
+    (``cfg`` may be the run folder itself; changes other than ``RESUME_MAY_CHANGE`` are refused before anything is
+    written)."""
     from .. import provenance
     from ..train import loop
+    from ..train.checkpoint import check_run_folder, clear_run, load_run_checkpoint
+    from ..train.config import check_resume_config, read_yaml
     from ..train.config import dump_config as _dump
-    from ..train.finetune import _write_json
+    from ..train.finetune import _write_json, write_env
     from ..train.distributed import barrier, init_distributed
     from ..train.optim import build_optimizer, build_scheduler
 
+    if resume and isinstance(cfg, (str, Path)) and Path(cfg).is_dir():  # the run folder alone
+        if not (Path(cfg) / "config.yaml").is_file():
+            raise MedTransferError(f"{cfg}: no config.yaml, so no run to resume; start it without --resume")
+        cfg = {**read_yaml(Path(cfg) / "config.yaml"), "out": str(cfg)}
     cfg = load_pretrain_config(cfg, overrides)
     out = Path(cfg.out)
+    if rank_zero():  # under torchrun the other ranks may start after rank 0 has begun writing the run
+        check_run_folder(out, resume=resume, overwrite=overwrite, command="pretrain")
+    changed = []
+    if resume:
+        changed = check_resume_config(load_pretrain_config(out / "config.yaml"), cfg, out)
+        for key, old, new in changed:
+            log.warning("resume: %s %r -> %r (config.yaml records the new value)", key, old, new)
+        cfg = cfg.model_copy(update={"out": out})
+        load_run_checkpoint(out / "checkpoints" / "last.pt")  # a missing, cut or unsafe last.pt fails here
+    elif overwrite and rank_zero():
+        clear_run(out, keep=Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = init_distributed()
     main = rank == 0
@@ -454,11 +476,12 @@ def run_pretrain(cfg: PretrainConfig | str | Path | dict, *, resume: bool = Fals
     schedule = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=steps_per_epoch, total_steps=total, mode="min")
     device = loop._resolve_device(None)
     if main:
-        _dump(cfg, out / "config.yaml")
-        _write_json(out / "data.json", setup.data)
-        _write_json(out / "env.json", {**provenance.versions(), "device": str(device), "seed": cfg.train.seed,
-                                       "world_size": world, "command": sys.argv, "resume": resume,
-                                       "method": cfg.method})
+        if not resume or changed:
+            _dump(cfg, out / "config.yaml")
+        if not resume:
+            _write_json(out / "data.json", setup.data)
+        write_env(out, {**provenance.versions(), "device": str(device), "seed": cfg.train.seed, "world_size": world,
+                        "command": sys.argv, "method": cfg.method}, resume)
     monitor = ("loss", "min") if cfg.train.monitor == "loss" else _task_monitor(setup)
     result = loop.fit(model, setup.train_loader, setup.val_loader, loss_fn=setup.loss_fn, metrics=setup.metrics,
                       optimizer=optimizer, schedule=schedule, cfg=cfg.train, run_dir=out, monitor=monitor,
@@ -468,6 +491,12 @@ def run_pretrain(cfg: PretrainConfig | str | Path | dict, *, resume: bool = Fals
         path = export_pretrained(cfg, setup, out, result.last_step)
         log.info("pretrained weights: %s", path)
     return out
+
+
+def rank_zero() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _task_monitor(setup: Setup) -> tuple[str, str]:

@@ -46,8 +46,14 @@ def _load_run(run_dir: Path):
         ckpt = run_dir / "checkpoints" / "last.pt"
     if not ckpt.is_file():
         raise MedTransferError(f"{run_dir}: no checkpoints/best.pt (or last.pt); the run has not saved a model yet")
+    from .checkpoint import read_run_checkpoint
+
+    advice = ("resume the run (`medtransfer finetune --out RUN --resume`) or put an earlier copy in its place"
+              if ckpt.name == "last.pt" else
+              "the run's checkpoints/last.pt holds its latest weights: copy it over best.pt to use those, or put an "
+              "earlier copy of best.pt in its place")
+    state = read_run_checkpoint(ckpt, advice=advice)
     model = _build_model(run, cfg, False)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     from .loop import _resolve_device
 
@@ -252,7 +258,10 @@ def predict(
     ``<name>`` is the input's name without its image extension (``sub-01.ses-1.nii.gz`` -> ``sub-01.ses-1``);
     ``fmt`` is ``nii.gz`` (default), ``nii``, ``nrrd``, ``mha`` or ``same`` (the input's own file type where it can
     be written). Names that clash, and outputs that exist already (unless ``overwrite``), are refused before
-    anything is written."""
+    anything is written, as are inputs whose dimensionality or channel count is not the run's.
+
+    ``<out_dir>/summary.json`` (kept and added to by later calls into the folder) lists per input its file, the output, the input's spacing and shape, the spacing and
+    shape the model ran at and whether it was resampled (also said at logging INFO level)."""
     from ..data.geometry import to_original_grid
     from ..data.io import plan_output_paths, read_header, read_image, write_image
     from ..data.preprocess import Pipeline
@@ -266,27 +275,63 @@ def predict(
     pipeline = Pipeline.from_dict(run["pipeline"])
     out_dir = Path(out_dir)
     paths = list(map(Path, inputs))
-    want = run["spatial_dims"]
+    want, channels = run["spatial_dims"], cfg.model.in_channels
     for path in paths:  # every input checked (header only where the format allows) before anything is written
-        shape = read_header(path)[0]
+        shape, _, _, has = read_header(path)
         if len(shape) != want:
             hint = " (a DICOM series folder or a volume file, not one slice)" if want == 3 else ""
             raise MedTransferError(f"{path}: a {len(shape)}D image (shape {shape}), but the run at {run_dir} is a "
                                    f"{want}D model; give it {want}D images{hint}")
+        if has != channels:
+            raise MedTransferError(f"{path}: {has} channel(s), but the run at {run_dir} is a {want}D model of "
+                                   f"{channels} input channel(s); give it {want}D images with {channels} channel(s)")
     targets = plan_output_paths(paths, out_dir, fmt)
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
         raise MedTransferError(f"{len(existing)} output file(s) exist already, nothing was written: "
                                f"{', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}; choose another "
                                "--out folder or pass --overwrite")
-    written = []
+    summary_path = out_dir / "summary.json"
+    earlier = _earlier_predictions(summary_path, overwrite)
+    written, cases = [], []
     for i, (path, target) in enumerate(zip(paths, targets), 1):
         started = time.perf_counter()
         original = read_image(path)
         prepared = pipeline(original)
+        resampled = (tuple(np.shape(prepared.array)[-want:]) != tuple(np.shape(original.array)[-want:])
+                     or not np.allclose(prepared.spacing, original.spacing))
+        if resampled:
+            log.info("%s: resampled from %s mm to the run's %s mm for the model; the labels are written on the "
+                     "input's own grid", path, _mm(original.spacing), _mm(prepared.spacing))
+        cases.append({"input": str(path), "output": str(target), "input_spacing": [float(v) for v in original.spacing],
+                      "input_shape": list(np.shape(original.array)[-want:]),
+                      "model_spacing": [float(v) for v in prepared.spacing],
+                      "model_shape": list(np.shape(prepared.array)[-want:]), "resampled": bool(resampled)})
         labels = to_original_grid(probabilities(_case_logits(model, prepared.array, run, options)), prepared, original)
         pred = Image(array=labels, spacing=tuple(original.spacing), origin=tuple(original.origin),
                      direction=np.array(original.direction, dtype=float, copy=True), meta=dict(original.meta))
         written.append(write_image(pred, target, like=original))
         _progress("predict", i, len(paths), str(path), started)
+    from .finetune import _write_json
+
+    outputs = {c["output"] for c in cases}
+    cases = [c for c in earlier if c.get("output") not in outputs] + cases
+    _write_json(summary_path, {"run": str(run_dir), "inference": options, "cases": cases})
     return written
+
+
+def _earlier_predictions(path: Path, overwrite: bool) -> list[dict[str, Any]]:
+    """The cases of an earlier ``summary.json`` in the folder: a later predict adds to it, never drops them."""
+    if not path.exists():
+        return []
+    try:
+        return list(json.loads(path.read_text())["cases"])
+    except (OSError, ValueError, KeyError, TypeError):
+        if overwrite:
+            return []
+        raise MedTransferError(f"{path}: not a predict summary this command can add to; nothing was written: move "
+                               "it away, choose another --out folder or pass --overwrite") from None
+
+
+def _mm(spacing) -> str:
+    return "x".join(f"{float(v):g}" for v in spacing)

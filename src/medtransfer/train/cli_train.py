@@ -18,17 +18,54 @@ def build_config(
     config: Optional[Path], *, model: Optional[str] = None, pretrained: Optional[str] = None,
     data: Optional[Path] = None, task: Optional[str] = None, recipe: Optional[str] = None,
     label_fraction: Optional[float] = None, seed: Optional[int] = None, out: Optional[Path] = None,
-    overrides: tuple[str, ...] | list[str] = (),
+    overrides: tuple[str, ...] | list[str] = (), resume: bool = False,
 ):
-    """The validated :class:`~medtransfer.train.config.FinetuneConfig` of a command line."""
+    """The validated :class:`~medtransfer.train.config.FinetuneConfig` of a command line.
+
+    ``resume``: the run folder's ``config.yaml`` (``--out``, else the ``out`` of ``--config``) is the base and the
+    command line lands on it, so the folder alone is enough; ``run_finetune`` then refuses values that differ."""
     from .config import apply_overrides, read_yaml
+    from .recipes import merge
 
     base: dict[str, Any] = read_yaml(config) if config is not None else {}
+    if resume:
+        run_dir = out if out is not None else base.get("out")
+        base = merge(resume_base(run_dir, "finetune"), base)
+        out = Path(run_dir)
     # each flag is a dotted override; "true"/"false" for --pretrained read as YAML booleans, else a file path
     fields = {"model.name": model, "model.pretrained": pretrained, "data.path": data, "model.task": task,
               "recipe": recipe, "data.label_fraction": label_fraction, "train.seed": seed, "out": out}
     flags = [f"{key}={value}" for key, value in fields.items() if value is not None]
     return apply_overrides(base, [*flags, *overrides])
+
+
+def resume_base(run_dir: Optional[str | Path], command: str) -> dict[str, Any]:
+    """The saved ``config.yaml`` of the run folder ``--resume`` continues."""
+    from ..errors import MedTransferError
+    from .config import read_yaml
+
+    if run_dir is None:
+        raise MedTransferError(f"--resume: name the run folder, e.g. `medtransfer {command} --out RUN --resume`")
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise MedTransferError(f"--out {path}: {'is a file, not a run folder' if path.exists() else 'no such folder'}"
+                               "; --resume continues a run in its folder")
+    if not (path / "config.yaml").is_file():
+        raise MedTransferError(f"{path}: no config.yaml, so no run to resume; start it without --resume")
+    return {**read_yaml(path / "config.yaml"), "out": str(path)}
+
+
+def interrupted(exc: KeyboardInterrupt, command: str, run_dir: Path) -> None:
+    """Ctrl-C: one line saying what was saved and the command that resumes; exit code 130."""
+    from .checkpoint import TrainingInterrupted
+
+    if isinstance(exc, TrainingInterrupted):
+        line = exc.message(f"medtransfer {command} --out {exc.run_dir} --resume")
+    else:
+        line = (f"interrupted before training started; nothing was trained in {run_dir}; run the command again "
+                "(with --overwrite if the folder holds a run's files)")
+    typer.echo(line, err=True)
+    raise typer.Exit(code=130)
 
 
 def register(app: typer.Typer) -> None:
@@ -47,21 +84,29 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed"),
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder."),
         overrides: list[str] = typer.Option([], "--set", help="key=value override, e.g. optim.lr=1e-4 (repeatable)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue from <out>/checkpoints/last.pt."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints/last.pt "
+                                    "and config.yaml; other options may only repeat the saved values (or change "
+                                    "train.max_steps, train.max_epochs, data.workers)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (its files are "
+                                       "removed first; a cache folder named by data.cache_dir stays)."),
     ) -> None:
-        """Fine-tune a model; writes config.yaml, env.json, split.json, checkpoints/ and metrics.jsonl."""
+        """Fine-tune a model; writes config.yaml, env.json, split.json, checkpoints/ and metrics.jsonl. An existing
+        run folder is never written to unless --resume or --overwrite says so."""
         from ..errors import MedTransferError
         from .finetune import run_finetune
 
         try:
             cfg = build_config(config, model=model, pretrained=pretrained, data=data, task=task, recipe=recipe,
-                               label_fraction=label_fraction, seed=seed, out=out, overrides=overrides)
+                               label_fraction=label_fraction, seed=seed, out=out, overrides=overrides, resume=resume)
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
         try:
-            run_dir = run_finetune(cfg, resume=resume, progress=True)  # a bar on a terminal, else plain lines
+            # a bar on a terminal, else plain lines
+            run_dir = run_finetune(cfg, resume=resume, overwrite=overwrite, progress=True)
         except (MedTransferError, ValueError) as exc:
             _fail(exc)
+        except KeyboardInterrupt as exc:
+            interrupted(exc, "finetune", Path(cfg.out))
         typer.echo(str(run_dir))
 
     window_opt = typer.Option(None, "--window", help="Sliding-window size, e.g. 32,128,128 (default: the run's "

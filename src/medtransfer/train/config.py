@@ -447,3 +447,51 @@ def config_data(source: Any, root: type[BaseModel], overrides: Iterable[str] = (
         _set_dotted(data, key.strip(), parse_value(text), root)
     return data
 
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+
+# What a resumed run may change: how long it goes on and how many loader processes feed it (the data order derives
+# from (seed, epoch) alone). Anything else would either not be honoured (the optimiser, schedule and weights come
+# from last.pt) or would make the run's files describe a run that did not happen.
+RESUME_MAY_CHANGE = ("train.max_steps", "train.max_epochs", "data.workers")
+_LENGTH = ("train.max_steps", "train.max_epochs")
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_changes(saved: BaseModel, new: BaseModel) -> list[tuple[str, Any, Any]]:
+    """``(dotted field, saved value, new value)`` for every field that differs, ``out`` aside (a run folder is
+    where it is, whatever path it was first given as)."""
+    old, now = _flat(saved.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    return [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now))
+            if k != "out" and old.get(k) != now.get(k)]
+
+
+def check_resume_config(saved: BaseModel, new: BaseModel, run_dir: Path | str) -> list[tuple[str, Any, Any]]:
+    """Refuse a resume whose config differs from the run's saved one in a field resume cannot honour (see
+    :data:`RESUME_MAY_CHANGE`); returns the allowed changes. A longer or shorter run is refused too when the
+    learning-rate curve is drawn over the whole run (``cosine``/``poly`` without ``schedule.horizon``)."""
+    changes = config_changes(saved, new)
+    bad = [c for c in changes if c[0] not in RESUME_MAY_CHANGE]
+    schedule = getattr(new, "schedule", None)
+    whole_run = schedule is not None and schedule.name in ("cosine", "poly") and schedule.horizon is None
+    if whole_run:
+        bad += [c for c in changes if c[0] in _LENGTH]
+    if bad:
+        listed = "; ".join(f"{k}: {old!r} in the run, {now!r} now" for k, old, now in bad)
+        raise MedTransferError(
+            f"{run_dir}: --resume continues the run with its saved config.yaml, and these values differ: {listed}. "
+            f"Nothing was written. Resume without them (a resume may change only {', '.join(RESUME_MAY_CHANGE)}"
+            f"{'; the length not under a cosine/poly schedule without schedule.horizon' if whole_run else ''}), "
+            "or start a new run: another --out, or --overwrite to replace this one")
+    return changes

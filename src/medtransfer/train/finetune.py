@@ -69,6 +69,16 @@ def _write_json(path: Path, data: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def write_env(out: Path, env: dict[str, Any], resume: bool) -> None:
+    """``env.json``: the first process's environment; each resume appends its own under ``resumes``."""
+    path = out / "env.json"
+    if resume and path.is_file():
+        first = json.loads(path.read_text())
+        first.setdefault("resumes", []).append(env)
+        env = first
+    _write_json(path, {**env, "resume": resume} if not resume else env)
+
+
 def model_divisor(model: torch.nn.Module, dims: int) -> tuple[int, ...]:
     div = getattr(model, "size_divisor", None)
     if div is not None:
@@ -293,12 +303,44 @@ def _build_model(run: dict[str, Any], cfg: FinetuneConfig, pretrained: Any):
 # --------------------------------------------------------------------------------------------------- fit
 
 
-def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = False, progress: bool = True) -> Path:
-    """Fine-tune as ``cfg`` says; returns the run folder (see the module docstring for its content)."""
+def resume_source(cfg: Any) -> Any:
+    """A run folder given as the config: its ``config.yaml``, with ``out`` set to the folder."""
+    if isinstance(cfg, (str, Path)) and Path(cfg).is_dir():
+        from .config import read_yaml
+
+        path = Path(cfg)
+        if not (path / "config.yaml").is_file():
+            raise MedTransferError(f"{path}: no config.yaml, so no run to resume; start it without --resume")
+        return {**read_yaml(path / "config.yaml"), "out": str(path)}
+    return cfg
+
+
+def resumed_config(cfg: FinetuneConfig, out: Path) -> tuple[FinetuneConfig, bool]:
+    """The config a resume of ``out`` runs with: ``cfg`` after :func:`check_resume_config` against the run's
+    ``config.yaml``; True when it changed an allowed value (the caller records it)."""
+    from .config import check_resume_config
+
+    saved = load_config(out / "config.yaml")
+    changes = check_resume_config(saved, cfg, out)
+    for key, old, new in changes:
+        log.warning("resume: %s %r -> %r (config.yaml records the new value)", key, old, new)
+    return cfg.model_copy(update={"out": out}), bool(changes)
+
+
+def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> Path:
+    """Fine-tune as ``cfg`` says; returns the run folder (see the module docstring for its content).
+
+    Nothing is written before the config, the weights, the data and the run folder are checked: a new run needs a
+    new or empty ``out`` (``overwrite`` clears an old run there first); ``resume`` continues the run in ``out``
+    from ``checkpoints/last.pt`` with the run's saved config (``cfg`` may be the run folder itself; values that
+    differ from the saved ones are refused except :data:`~medtransfer.train.config.RESUME_MAY_CHANGE`), and reads
+    its ``split.json`` and ``contract.json`` instead of writing them again."""
     from .. import provenance
     from ..data.cache import PreparedCache
     from ..data.preprocess import build_pipeline
-    from ..data.splits import make_split
+    from ..data.splits import Split, make_split
+    from .checkpoint import check_run_folder, clear_run, load_run_checkpoint
     from .losses import build_loss
     from .metrics import build_metrics, metric_for
     from .optim import build_optimizer, build_scheduler
@@ -306,8 +348,18 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
 
     from ..data.modality import dataset_modality
 
-    cfg = load_config(cfg)
+    cfg = load_config(resume_source(cfg) if resume else cfg)
     out = Path(cfg.out)
+    from .distributed import barrier, init_distributed
+
+    rank, world = init_distributed()
+    main = rank == 0
+    if main:  # under torchrun the other ranks may start after rank 0 has begun writing the run
+        check_run_folder(out, resume=resume, overwrite=overwrite, command="finetune")
+    changed = False
+    if resume:
+        cfg, changed = resumed_config(cfg, out)
+        load_run_checkpoint(out / "checkpoints" / "last.pt")  # a missing, cut or unsafe last.pt fails here
     seed = cfg.train.seed
     task = cfg.model.task
     if task == "features":
@@ -317,31 +369,32 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
 
     # Under torchrun, rank 0 writes the phantoms, checks the data and fills the cache while the others wait; they
     # then read what it wrote (their own prepare finds nothing to do). Only rank 0 writes the run's files.
-    from .distributed import barrier, init_distributed
-
-    rank, world = init_distributed()
-    main = rank == 0
     if world > 1 and not main:
         barrier()
     dataset, data_path = _dataset(cfg, out)
     if task != dataset.task:
         raise MedTransferError(f"model.task is {task!r} but the dataset at {data_path} is a {dataset.task} dataset")
-    contract = resolve_contract(cfg, dataset.spatial_dims, dataset_modality(dataset, cfg.data.modality))
+    if resume:  # the run's contract as it was resolved when it started
+        contract = json.loads((out / "contract.json").read_text())
+    else:
+        contract = resolve_contract(cfg, dataset.spatial_dims, dataset_modality(dataset, cfg.data.modality))
     if main:
         announce_contract(contract)
-        _write_json(out / "contract.json", contract)
 
     targets = None
     if task == "classification":
         targets = {c.case_id: c.target for c in dataset.cases}
-    split = make_split([c.case_id for c in dataset.cases], val=cfg.data.val_fraction, test=cfg.data.test_fraction,
-                       k=5 if cfg.data.fold is not None else None, fold=cfg.data.fold,
-                       fraction=cfg.data.label_fraction, seed=seed, targets=targets)
-    if main:
-        split.save(out / "split.json")
+    if resume:  # the split of a run is written once: the resumed steps train on the cases the first ones did
+        split = Split.load(out / "split.json")
+    else:
+        split = make_split([c.case_id for c in dataset.cases], val=cfg.data.val_fraction,
+                           test=cfg.data.test_fraction, k=5 if cfg.data.fold is not None else None,
+                           fold=cfg.data.fold, fraction=cfg.data.label_fraction, seed=seed, targets=targets)
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
+    if main and overwrite:
+        clear_run(out, keep=Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
 
     pipeline = build_pipeline(preset=contract["preset"], spacing=contract["spacing"])
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     cache = PreparedCache(cache_dir)
     cache.prepare(dataset, pipeline, workers=max(1, cfg.data.workers), progress=progress and main)
     if world > 1 and main:
@@ -353,15 +406,20 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
            "data_path": str(data_path), "data_format": cfg.data.format}
     torch.manual_seed(seed)
     model = _build_model(run, cfg, _pretrained_value(cfg))
-    if model.load_report is not None and main:
-        _write_json(out / "load_report.json", model.load_report.to_dict())
     run["divisor"] = list(model_divisor(model, dataset.spatial_dims))
     patch = tuple(contract["patch_size"])
     if task == "segmentation" and any(p % d for p, d in zip(patch, run["divisor"])):
         raise MedTransferError(f"data.patch_size {list(patch)} must be a multiple of {run['divisor']} on every axis "
                                f"for {cfg.model.name} segmentation (its network stride)")
-    if main:
-        _write_json(out / "run.json", run)
+    if main:  # everything checked (only the phantoms and the cache were written): the run's files from here on
+        if not resume or changed:
+            dump_config(cfg, out / "config.yaml")
+        if not resume:
+            _write_json(out / "contract.json", contract)
+            split.save(out / "split.json")
+            _write_json(out / "run.json", run)
+            if model.load_report is not None:
+                _write_json(out / "load_report.json", model.load_report.to_dict())
 
     if task == "segmentation":
         train_ds = PatchDataset(cache, split.train, patch, seed=seed)
@@ -391,9 +449,8 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
 
     device = loop._resolve_device(None)  # cuda:LOCAL_RANK under torchrun
     if main:
-        dump_config(cfg, out / "config.yaml")
-        _write_json(out / "env.json", {**provenance.versions(), "device": str(device), "seed": seed,
-                                       "world_size": world, "command": sys.argv, "resume": resume})
+        write_env(out, {**provenance.versions(), "device": str(device), "seed": seed, "world_size": world,
+                        "command": sys.argv}, resume)
 
     loop.fit(model, train_loader, val_loader, loss_fn=loss_fn, metrics=metrics, optimizer=optimizer,
              schedule=schedule, cfg=cfg.train, run_dir=out, monitor=monitor, device=device, resume=resume,

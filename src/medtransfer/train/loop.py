@@ -32,7 +32,15 @@ import torch
 from torch import nn
 
 from ..errors import MedTransferError
-from .checkpoint import load_run_checkpoint, rng_state, save_run_checkpoint, set_rng_state, unwrap_model
+from .checkpoint import (
+    TrainingInterrupted,
+    load_run_checkpoint,
+    remove_stale_temps,
+    rng_state,
+    save_run_checkpoint,
+    set_rng_state,
+    unwrap_model,
+)
 from .config import TrainConfig
 from .distributed import (
     EpochShuffleSampler,
@@ -281,6 +289,25 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(clean(record)) + "\n")
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to ``step`` (the checkpoint resumed from), so that the steps logged after it by the
+    interrupted process, which the resumed one runs again, are not logged twice; a half-written last line goes too."""
+    from ..weights.io import atomic_write
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break  # a kill mid-append: this line and anything after it is not a record
+        if int(record["step"]) > step:
+            break
+        kept.append(line + "\n")
+    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
+
+
 # ----------------------------------------------------------------------------------------------------- the loop
 
 
@@ -341,6 +368,8 @@ def fit(
     best_step, bad_validations = 0, 0
     epoch_rng: Optional[dict] = None
     resumed: Optional[dict] = None
+    if main:
+        remove_stale_temps(run_dir, ckpt_dir)  # a kill inside atomic_write leaves its temporary file
     if resume:
         resumed = load_run_checkpoint(ckpt_dir / "last.pt")
         base.load_state_dict(resumed["model"])
@@ -352,6 +381,8 @@ def fit(
         batches_done = int(resumed.get("batches_done", 0))
         best_metric = resumed["best_metric"]
         best_step, bad_validations = int(resumed["best_step"]), int(resumed["bad_validations"])
+        if main:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
     else:
         _seed_everything(cfg.seed + rank)
         if main:  # a fresh run starts a fresh log, and no checkpoint of an earlier run may pass for its own
@@ -421,7 +452,10 @@ def fit(
         set_train_mode()
         return out
 
+    saved_step: Optional[int] = step if resume else None
+
     def save_last() -> None:
+        nonlocal saved_step
         rng = all_gather_object(rng_state())  # every rank's generators, so each resumes its own stream
         erng = all_gather_object(epoch_rng)
         if not main:
@@ -433,6 +467,7 @@ def fit(
             "best_metric": best_metric, "best_step": best_step, "bad_validations": bad_validations,
             "rng": rng[0], "rng_ranks": rng, "epoch_rng": erng[0], "epoch_rng_ranks": erng,
         })
+        saved_step = step
 
     def save_best(value: float) -> None:
         if main:
@@ -603,6 +638,10 @@ def fit(
             write_record(None)
         save_last()
         completed = True
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, TrainingInterrupted):
+            raise
+        raise TrainingInterrupted(run_dir, step, saved_step) from None
     finally:
         bar.close(done=completed, best=best_metric, best_step=best_step)
         tb.close()

@@ -7,7 +7,6 @@ so a bad value fails in a second with the field named (exit 2, no traceback).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 

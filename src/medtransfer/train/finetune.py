@@ -16,13 +16,15 @@ Defaults chosen here:
   data's (a mismatch is a loud warning and a line in ``contract.json``); else the modality default of
   :mod:`medtransfer.data.modality`: ``genesis_ct`` for 3D CT, ``mri_zscore`` for 3D MRI, ``zscore`` for 2D images
   and for an unknown modality (warned). A run from scratch, or from a file without a contract, never takes the
-  published weights' contract. ``contract.json`` records each value's source and the data's modality;
+  published weights' contract (a file named like a published one takes that one's, said so). ``contract.json``
+  records each value's source and the data's modality;
 * patch size and spacing: the config's, else the loaded weights' contract, else :data:`DEFAULT_PATCH` per spatial
   dims and the native spacing;
 * loss ``auto``: ``dice_ce`` for segmentation (MIS-FM's 0.5/0.5 Dice + CE), ``ce`` for single-label and ``bce`` for
   multi-label classification;
 * segmentation validation during training uses fixed patches (epoch 0 draws of a seeded :class:`PatchDataset`);
-  :func:`evaluate` scores whole cases with sliding windows.
+  :func:`evaluate` (:mod:`.apply`) scores whole cases, in one pass when the volume fits the memory budget, else
+  by sliding windows, on the original label grid by default.
 """
 
 from __future__ import annotations

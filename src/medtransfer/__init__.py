@@ -8,7 +8,8 @@ The public face::
     print(model.load_report)
     report = mt.load_checkpoint(model, "other.pth", min_coverage=1.0)
 
-Names are imported lazily (PEP 562) so that ``medtransfer --help`` does not pay for importing torch.
+Names are imported lazily (PEP 562) so that ``medtransfer --help`` does not pay for importing torch. The command
+line, :mod:`medtransfer.cli` (one module per command group), sits on top: no library module imports it.
 """
 
 from __future__ import annotations

@@ -10,14 +10,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import typer
 import yaml
 from typer.testing import CliRunner
 
 import medtransfer as mt
+from medtransfer.cli import app
+from medtransfer.cli.train import build_config
 from medtransfer.data.phantoms import write_phantom_dataset
 from medtransfer.errors import MedTransferError
-from medtransfer.train.cli_train import build_config, register
 from medtransfer.train.config import validate
 from medtransfer.train.finetune import evaluate, predict, resolve_contract, run_finetune
 
@@ -42,12 +42,6 @@ def _assert_complete_run_and_lower_loss(run):
     assert len(losses) >= 3, records
     assert losses[-1] < losses[0], losses
     return records
-
-
-def _app():
-    app = typer.Typer()
-    register(app)
-    return app
 
 
 def _cfg(out, data_path, **extra):
@@ -79,8 +73,8 @@ def test_contract_fills_unset_values_and_reports_a_preset_mismatch():
 def test_invalid_config_fails_with_field_name_and_exit_2(tmp_path):
     with pytest.raises(MedTransferError, match=r"optim\.lr"):
         build_config(None, model="genesis_unet3d", overrides=["optim.lr=0"])
-    result = CliRunner().invoke(_app(), ["finetune", "--model", "genesis_unet3d", "--set", "optim.lr=-1",
-                                         "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(app, ["finetune", "--model", "genesis_unet3d", "--set", "optim.lr=-1",
+                                      "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert "optim.lr" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()  # failed before any work
@@ -130,10 +124,6 @@ def test_finetune_segmentation_end_to_end_then_evaluate_and_predict(tmp_path, ph
     assert pred.shape == ref.shape
     np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-5)
     assert set(np.unique(np.asarray(pred.dataobj))) <= set(range(7))
-
-    from typer.testing import CliRunner
-
-    from medtransfer.cli import app
 
     result = CliRunner().invoke(app, ["predict", str(run), str(source_img)])  # default: RUN_DIR/predictions
     assert result.exit_code == 0, result.output

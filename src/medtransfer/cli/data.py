@@ -1,0 +1,225 @@
+"""``medtransfer data inspect | phantoms | cubes | prepare``: check, make and prepare datasets."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import _fail, console, err_console
+
+data_app = typer.Typer(
+    help="Datasets: check one before training, write the embedded phantom dataset, prepare a cache, extract cubes.",
+    no_args_is_help=True,
+)
+
+
+def _load_dataset(path: Path, fmt: str):
+    from ..data.datasets import load_dataset
+    from ..errors import MedTransferError
+
+    try:
+        return load_dataset(path, format=fmt)
+    except MedTransferError as exc:
+        _fail(exc)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Path = typer.Argument(..., help="A dataset: MSD or nnU-Net folder, list/CSV file, LUNA16 root, image folder."),
+    fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    workers: Optional[int] = typer.Option(None, help="Threads reading cases (default: up to 8)."),
+) -> None:
+    """Summarise a dataset and list every problem with its file and fix. Exits 1 when training would break."""
+    from ..data.check import check_dataset
+
+    dataset = _load_dataset(path, fmt)
+    report = check_dataset(dataset, workers=workers, progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        _print_data_report(report)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+_LABEL_ROWS = 12  # label values listed by `data inspect` before "... and N more" (a 116-label atlas: 12 lines)
+
+
+def _print_data_report(report) -> None:
+    summary = report.summary()
+    console.print(f"[bold]{report.dataset}[/] ({report.format}, {report.task}) at {report.root}", highlight=False,
+                  soft_wrap=True)
+    console.print(f"  cases        : {summary['cases']}")
+    if "spatial_dims" in summary:
+        mix = ", ".join(f"{n} {d}D" for d, n in summary["spatial_dims"].items())
+        console.print(f"  dimensions   : {mix} (shape and spacing below: the {summary['summarised_dims']}D cases)",
+                      highlight=False)
+    if report.channel_names:
+        console.print(f"  channels     : {', '.join(report.channel_names)}", highlight=False)
+    for key in ("shape", "spacing"):
+        if key in summary:
+            s = summary[key]
+            console.print(f"  {key:12s} : min {s['min']}  median {s['median']}  max {s['max']}", highlight=False,
+                          soft_wrap=True)
+    if "anisotropy" in summary:
+        a = summary["anisotropy"]
+        console.print(f"  anisotropy   : largest/smallest spacing median {a['median']:g}, max {a['max']:g}",
+                      highlight=False)
+    if "orientation" in summary:
+        codes = ", ".join(f"{code} {n}" for code, n in summary["orientation"].items())
+        oblique = summary["oblique_cases"]
+        console.print(f"  orientation  : {codes} (on disk; {oblique} oblique)" if oblique else
+                      f"  orientation  : {codes} (on disk)", highlight=False)
+    if "intensity" in summary:
+        i = summary["intensity"]
+        console.print(f"  intensity    : {i['min']:.4g} .. {i['max']:.4g} (mean of case means {i['mean_of_case_means']:.4g})")
+    if "label_voxels" in summary:
+        names = report.labels
+        values = list(summary["label_voxels"].items())
+        console.print(f"  labels       : {len(values)} values" + (f", {min(summary['label_voxels'])}.."
+                      f"{max(summary['label_voxels'])}" if len(values) > 1 else ""), highlight=False)
+        for v, n in values[:_LABEL_ROWS]:
+            name = f" {names[v]}" if v in names else ""
+            console.print(f"    {v}{name}: {n} voxels in {summary['label_cases'].get(v, 0)} cases", highlight=False)
+        if len(values) > _LABEL_ROWS:
+            console.print(f"    ... and {len(values) - _LABEL_ROWS} more (--json lists all)", highlight=False)
+    if "num_classes" in summary:
+        console.print(f"  classes      : {summary['num_classes']} (from the {summary['num_classes_from']}; finetune "
+                      "uses this unless model.num_classes is set)", highlight=False)
+    if "class_balance" in summary:
+        console.print(f"  classes      : {summary['class_balance']}", highlight=False)
+    if not report.problems:
+        console.print("[green]  no problems found[/]")
+        return
+    console.print(f"  problems     : {len(report.errors)} errors, {len(report.warnings)} warnings")
+    for p in report.problems:
+        colour = "red" if p.severity == "error" else "yellow"
+        console.print(f"  [{colour}]{p.severity}[/]: {str(p).split(': ', 1)[1]}", highlight=False, soft_wrap=True)
+
+
+@data_app.command("phantoms")
+def data_phantoms(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (an MSD-format dataset is written there)."),
+    n: int = typer.Option(8, "--n", min=1, help="Number of cases."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same dataset."),
+    size: int = typer.Option(64, help="Cube edge in voxels (D = H = W)."),
+    spacing: float = typer.Option(2.5, help="Isotropic voxel spacing in mm."),
+    no_2d: bool = typer.Option(False, "--no-2d", help="Skip the 2D radiograph-like projections."),
+) -> None:
+    """Write the embedded synthetic CT dataset: HU volumes with labels, case classes and 2D projections.
+
+    Labels: 0 background, 1 lung, 2 heart, 3 liver, 4 spine, 5 vessel, 6 lesion. Case class (classification.csv):
+    1 = a malignant lung nodule. 2D: radiograph-like projections, lung masks and findings (nodule, cardiomegaly,
+    effusion). The same seed writes the same files.
+    """
+    from ..data.phantoms import write_phantom_dataset
+    from ..errors import MedTransferError
+    from ..paths import check_output_dir
+
+    try:
+        check_output_dir(out, "--out")
+        path = write_phantom_dataset(out, n, seed, shape=(size, size, size), spacing=(spacing,) * 3, with_2d=not no_2d)
+    except MedTransferError as exc:
+        _fail(exc)
+    console.print(f"wrote {n} phantom cases to [bold]{path}[/]")
+
+
+@data_app.command("cubes")
+def data_cubes(
+    path: Path = typer.Argument(..., help="A dataset of CT volumes in HU (e.g. LUNA16 root, MSD folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the cube arrays."),
+    fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
+    seed: int = typer.Option(1, help="Seed (the published extraction uses 1)."),
+    scale: int = typer.Option(32, help="Cubes per volume at most."),
+    cube_size: str = typer.Option("32,64,64", help="Cube size D,H,W in voxels (published: 32 slices of 64x64)."),
+    border_xy: int = typer.Option(100, help="In-plane margin in voxels (published: 100, for 512x512 CT)."),
+    border_z: int = typer.Option(30, help="Margin in slices (published: 30)."),
+    lung_max: float = typer.Option(0.15, help="Largest accepted dense-tissue fraction (published: 0.15)."),
+) -> None:
+    """Extract Models Genesis training cubes: HU window [-1000, 1000] -> [0, 1], random windows inside the margins,
+    windows with too much dense tissue rejected (the published rule, vectorised). Defaults are the published ones,
+    made for LUNA16 volumes (at least 96 slices, 265 voxels in-plane); smaller volumes need smaller margins/cubes.
+    Exits 1, writing nothing, when no volume gives a cube, saying why for each."""
+    from ..data.cubes import CubeConfig, NoCubesError, extract_cubes_from_dataset
+    from ..errors import MedTransferError
+    from ..paths import check_output_dir
+
+    check_output_dir(out, "--out")  # a refusal is reported by _Commands, like every MedTransferError
+    dataset = _load_dataset(path, fmt)
+    try:
+        d, h, w = (int(s) for s in cube_size.split(","))
+        config = CubeConfig(cube_depth=d, cube_height=h, cube_width=w, border_xy=border_xy, border_z=border_z,
+                            scale=scale, lung_max=lung_max)
+        paths = extract_cubes_from_dataset(dataset, out, config=config, seed=seed)
+    except NoCubesError as exc:  # the data gave nothing under these options: exit 1, like `data inspect`
+        _fail(exc, code=1)
+    except (MedTransferError, ValueError) as exc:
+        _fail(exc)
+    for p in paths:
+        console.print(f"wrote [bold]{p}[/]")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    path: Path = typer.Argument(..., help="A dataset (any supported layout)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache folder (reused: unchanged cases are not redone)."),
+    preset: Optional[str] = typer.Option(
+        None, help="Intensity preset: genesis_ct, volf_ct, medicalnet_mri, mri_zscore, zscore, percentile "
+        "(default: by the data's modality: CT genesis_ct, MRI mri_zscore, 2D or unknown zscore)."),
+    modality: str = typer.Option("auto", help="CT, MRI, or auto: the dataset's channel names, else its intensities."),
+    spacing: Optional[str] = typer.Option(None, help="Target spacing in mm as D,H,W (default: keep)."),
+    fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes (default: all cores)."),
+) -> None:
+    """Check, then preprocess every case once into a memory-mappable cache with a manifest.
+
+    A second run redoes only new or changed cases (by content hash); with nothing to redo it reads no image and
+    says so."""
+    from ..data.cache import PreparedCache
+    from ..data.check import check_dataset
+    from ..data.modality import choose_preset, dataset_modality
+    from ..data.preprocess import build_pipeline, preset as known_preset
+    from ..errors import MedTransferError
+    from ..paths import check_output_dir
+
+    if modality.upper() not in ("AUTO", "CT", "MRI"):
+        _fail(MedTransferError(f"--modality {modality!r}: choose auto, CT or MRI"))
+    check_output_dir(out, "--out")  # a refusal is reported by _Commands, like every MedTransferError
+    dataset = _load_dataset(path, fmt)
+    try:
+        if preset is not None:
+            known_preset(preset)
+        found = dataset_modality(dataset, modality)
+        choice = choose_preset(preset, found, dataset.spatial_dims, user_where="--preset")
+        err_console.print(f"intensity preset {choice.preset} ({choice.source}); data modality {found} "
+                          f"({found.source})", highlight=False, soft_wrap=True)
+        if choice.warning:
+            err_console.print(f"[bold yellow]warning:[/] {choice.warning}", highlight=False, soft_wrap=True)
+        target = tuple(float(s) for s in spacing.split(",")) if spacing else None
+        pipeline = build_pipeline(preset=choice.preset, spacing=target)
+        cache = PreparedCache(out)
+        todo = cache.pending(dataset, pipeline, workers=workers)  # sizes, times and hashes only: no voxel read
+    except (MedTransferError, ValueError) as exc:
+        _fail(exc)
+    if todo:  # the up-to-date cases were prepared from these very files; a check reads every case
+        report = check_dataset(dataset, workers=workers, progress=sys.stderr.isatty())
+        if not report.ok:
+            _print_data_report(report)
+            err_console.print("[bold red]error:[/] fix the problems above before preparing", highlight=False)
+            raise typer.Exit(code=1)
+    try:
+        cases = cache.prepare(dataset, pipeline, workers=workers)
+    except (MedTransferError, ValueError) as exc:
+        _fail(exc)
+    if not todo:
+        console.print(f"{len(cases)} cases up to date in [bold]{out}[/], nothing to redo", highlight=False,
+                      soft_wrap=True)
+    else:
+        console.print(f"prepared {cache.redone} cases in [bold]{out}[/] ({cache.reused} up to date)", highlight=False,
+                      soft_wrap=True)
+

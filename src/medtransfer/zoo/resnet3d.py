@@ -33,8 +33,10 @@ from .medicalnet import (
 from .resnet3d_trunk import (
     SHORTCUTS,
     BasicBlock3d,
+    Block,
     Bottleneck3d,
     ResNet3dTrunk,
+    Triple,
     ZeroPadShortcut,
     conv_seg_head,
     make_shortcut,
@@ -44,11 +46,13 @@ from .vdt_resnet3d import VDTResNet3d, infer_vdt_kwargs, vdt_resnet18_3d
 
 __all__ = [
     "BasicBlock3d",
+    "Block",
     "Bottleneck3d",
     "MEDICALNET_SHORTCUT",
     "MedicalNetResNet",
     "ResNet3dTrunk",
     "SHORTCUTS",
+    "Triple",
     "VDTResNet3d",
     "ZeroPadShortcut",
     "conv_seg_head",

@@ -403,13 +403,14 @@ def test_read_header_matches_read_image(tmp_path, ext, reorient):
 
 def test_intact_nii_gz_is_checked_without_decompressing(tmp_path, monkeypatch):
     import medtransfer.data.io as io
+    import medtransfer.data.io_nifti as io_nifti
 
     write_image(random_volume(), tmp_path / "v.nii.gz")
 
     def no_full_read(path):
         raise AssertionError("the gzip trailer should have been enough")
 
-    monkeypatch.setattr(io, "_gzip_size", no_full_read)
+    monkeypatch.setattr(io_nifti, "_gzip_size", no_full_read)
     assert io.check_nifti_complete(tmp_path / "v.nii.gz") == np.float32
     assert read_header(tmp_path / "v.nii.gz")[0] == (16, 16, 16)
 

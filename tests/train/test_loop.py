@@ -228,9 +228,9 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
 
 
 def test_plain_progress_every_interval_and_silent_when_disabled(tmp_path, capsys, monkeypatch):
-    from medtransfer.train import loop
+    from medtransfer.train import progress
 
-    monkeypatch.setattr(loop, "PROGRESS_INTERVAL_S", 0.0)  # every step is "30 s later"
+    monkeypatch.setattr(progress, "PROGRESS_INTERVAL_S", 0.0)  # every step is "30 s later"
     model, loader, val, kwargs = make_run(2, max_steps=6, max_epochs=None, val_every=3, val_interval="step")
     fit(model, loader, val, run_dir=tmp_path / "a", **{**kwargs, "progress": True})
     lines = capsys.readouterr().err.strip().splitlines()

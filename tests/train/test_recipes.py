@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from medtransfer.errors import MedTransferError
-from medtransfer.train.config import FinetuneConfig, load_config
-from medtransfer.train.recipes import list_recipes, recipe, recipe_tasks, resolve
+from medtransfer.train.config import FinetuneConfig, load_config, resolve
+from medtransfer.train.recipes import list_recipes, recipe, recipe_tasks
 
 SUPPORTED = [(name, task) for name in list_recipes() for task in recipe_tasks(name)]
 

@@ -13,83 +13,51 @@ is as close to the identity as possible, recording the original geometry in ``im
 ``write_image(pred, path, like=image)`` uses that record to write a prediction made in canonical space back in the
 input's original orientation and geometry.
 
-Two ITK NIfTI pitfalls are handled here: it reads a cut-off ``.nii``/``.nii.gz`` without complaint (missing voxels
+Two ITK NIfTI pitfalls are handled (in :mod:`.io_nifti`): it reads a cut-off ``.nii``/``.nii.gz`` without complaint (missing voxels
 come back as zeros), so sizes are checked against the header (for gzip from the stream trailer, without
 decompressing); and it turns NaN/Inf into 0, so floating-point NIfTI voxels are read with nibabel instead.
+
+This module holds the entry points (reading, headers, writing, output names) and MetaImage/NRRD/raster; the
+format families with logic of their own live beside it: :mod:`.io_nifti`, :mod:`.io_dicom`, :mod:`.io_numpy`, and
+what they share (extensions, the SimpleITK conversion, ITK's log) in :mod:`.io_common`. Every name this module
+offered before the split is still importable from it.
 """
 
 from __future__ import annotations
 
-import atexit
-import gzip
 import logging
 import os
-import re
 import shutil
 import tempfile
-import zipfile
-import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import DataError
 from ..weights.io import atomic_write
-from .orientation import _original, canonical_axes, reorient_to_canonical, undo_reorientation
+from .io_common import (  # noqa: F401 - extension, image_from_sitk, image_to_sitk: re-exported, public API
+    READ_EXTENSIONS,
+    _itk_reason,
+    _sitk_read,
+    _supported,
+    extension,
+    image_from_sitk,
+    image_to_sitk,
+)
+from .io_dicom import _read_dicom_file, _read_dicom_folder, find_dicom_series  # noqa: F401 - find_dicom_series
+from .io_nifti import _read_nifti, _write_nifti_with_codes, check_nifti_complete
+from .io_numpy import _NPZ_GEOMETRY, _numpy_header, _read_npy, _read_npz, _save_numpy
+from .orientation import _original, canonical_axes, reorient_to_canonical, undo_reorientation  # noqa: F401
 from .orientation import voxel_to_world  # noqa: F401 - re-exported: part of this module's public API
 from .types import Image
 
 logger = logging.getLogger(__name__)
 
 
-class _ITKMessagesToLogging(sitk.LoggerBase):
-    """ITK's own output window prints to stderr (e.g. "Non uniform sampling or missing slices detected" for every
-    uneven DICOM series), in the middle of a CLI's report; its messages go to this module's log instead, warnings at
-    INFO, the rest at DEBUG (``--verbose`` shows them). What matters to a user is reported by medtransfer itself."""
 
-    def _log(self, level: int, text: str) -> None:
-        text = re.sub(r"^.*?\(0x[0-9a-fA-F]+\):\s*", "", " ".join(str(text).split()))  # drop source file/address
-        logger.log(level, "ITK: %s", text)
-
-    def DisplayText(self, t):  # noqa: N802 - ITK's method names
-        self._log(logging.DEBUG, t)
-
-    def DisplayGenericOutputText(self, t):  # noqa: N802
-        self._log(logging.DEBUG, t)
-
-    def DisplayDebugText(self, t):  # noqa: N802
-        self._log(logging.DEBUG, t)
-
-    def DisplayWarningText(self, t):  # noqa: N802
-        self._log(logging.INFO, t)
-
-    def DisplayErrorText(self, t):  # noqa: N802 - errors also surface as exceptions, turned into DataError here
-        self._log(logging.DEBUG, t)
-
-
-_ITK_LOGGER = _ITKMessagesToLogging()
-# ITK's previous output window comes back at exit, so nothing calls into Python while the interpreter shuts down
-atexit.register(_ITK_LOGGER.SetAsGlobalITKLogger().SetAsGlobalITKLogger)
-
-READ_EXTENSIONS: dict[str, str] = {
-    ".nii": "nifti", ".nii.gz": "nifti", ".mha": "metaimage", ".mhd": "metaimage", ".nrrd": "nrrd", ".nhdr": "nrrd",
-    ".dcm": "dicom", ".dicom": "dicom", ".ima": "dicom", ".npy": "npy", ".npz": "npz",
-    ".png": "raster", ".jpg": "raster", ".jpeg": "raster", ".bmp": "raster",
-}  # fmt: skip
 WRITE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".npy", ".npz", ".png", ".jpg", ".jpeg", ".bmp")
-_TRUNCATED = "the file is truncated or corrupt ({why}); re-export it or copy it again"
-
-
-def _supported(exts) -> str:
-    return ", ".join(exts) + ", or a folder holding one DICOM series"
-
-
-def extension(path: str | os.PathLike) -> str:
-    """The lower-case extension that decides the format (``.nii.gz`` counts as one)."""
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
 def image_stem(path: str | os.PathLike) -> str:
@@ -149,144 +117,7 @@ def plan_output_paths(inputs, out_dir: str | os.PathLike, fmt: str = "nii.gz", *
     return outputs
 
 
-# --- SimpleITK <-> Image --------------------------------------------------------------------------------------------
-
-
-def _geometry(itk) -> dict[str, Any]:
-    """Spacing/origin/direction in array order from a SimpleITK image or a reader that has read the header."""
-    n = itk.GetDimension()
-    d = min(n, 3)  # a 4th ITK axis (MSD stores modalities that way) is the channel axis, not space
-    direction = np.asarray(itk.GetDirection(), float).reshape(n, n)[:d, :d]
-    return {
-        "spacing": tuple(float(s) for s in itk.GetSpacing()[:d][::-1]),
-        "origin": tuple(float(o) for o in itk.GetOrigin()[:d][::-1]),
-        "direction": direction.T[::-1, ::-1].copy(),
-    }
-
-
-def image_from_sitk(img: sitk.Image, path: Path | None = None) -> Image:
-    """Convert a SimpleITK image; vector pixels and a 4th (time/modality) axis become channels in front."""
-    arr = sitk.GetArrayFromImage(img)
-    if img.GetNumberOfComponentsPerPixel() > 1:
-        if img.GetDimension() == 4:
-            raise DataError(f"{path}: 4D images with vector pixels are not supported; store one channel per file.")
-        arr = np.moveaxis(arr, -1, 0)
-    return Image(array=arr, path=path, **_geometry(img))
-
-
-def _sitk_geometry(img: sitk.Image, image: Image) -> sitk.Image:
-    d = image.spatial_dims
-    direction = np.eye(img.GetDimension())
-    direction[:d, :d] = np.asarray(image.direction, float)[::-1, ::-1].T
-    img.SetSpacing([float(s) for s in image.spacing[::-1]] + [1.0] * (img.GetDimension() - d))
-    img.SetOrigin([float(o) for o in image.origin[::-1]] + [0.0] * (img.GetDimension() - d))
-    img.SetDirection(direction.ravel().tolist())
-    return img
-
-
-def image_to_sitk(image: Image) -> sitk.Image:
-    """Inverse of :func:`image_from_sitk`: channels of a 3D image become a 4th axis, of a 2D image vector pixels."""
-    arr = image.array
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    elif arr.dtype == np.float16:
-        arr = arr.astype(np.float32)
-    if arr.ndim == image.spatial_dims:
-        img = sitk.GetImageFromArray(arr)
-    elif arr.ndim == image.spatial_dims + 1 and image.spatial_dims == 3:
-        img = sitk.JoinSeries([sitk.GetImageFromArray(np.ascontiguousarray(c)) for c in arr])
-    elif arr.ndim == image.spatial_dims + 1 and image.spatial_dims == 2:
-        img = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(arr, 0, -1)), isVector=True)
-    else:
-        raise DataError(f"array of shape {arr.shape} does not fit {image.spatial_dims} spatial dimensions")
-    return _sitk_geometry(img, image)
-
-
 # --- reading --------------------------------------------------------------------------------------------------------
-
-
-def _gzip_size(path: Path) -> int:
-    """Decompressed size of a whole gzip file (every member, CRC checked); DataError if the stream is cut short."""
-    total = 0
-    try:
-        with gzip.open(path, "rb") as g:
-            while chunk := g.read(1 << 24):
-                total += len(chunk)
-    except (EOFError, OSError, zlib.error) as err:
-        raise DataError(f"{path}: {_TRUNCATED.format(why=f'gzip stream ends early: {err}')}.") from err
-    return total
-
-
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
-
-
-def _nifti_layout(path: Path) -> tuple[int, np.dtype] | None:
-    """Bytes the header promises (offset + voxel data) and the on-disk voxel dtype; None when nibabel cannot parse
-    the header (ITK may still)."""
-    import nibabel as nib
-
-    try:
-        proxy = nib.load(str(path)).dataobj  # header only; its offset is the file's (the header object's is reset)
-        dtype = np.dtype(proxy.dtype)
-        return int(proxy.offset) + int(np.prod(proxy.shape, dtype=np.int64)) * dtype.itemsize, dtype
-    except Exception as err:  # noqa: BLE001 - odd headers are left to ITK to accept or reject
-        if _is_gzip(path):
-            _gzip_size(path)  # a header cut short inside the gzip stream is a truncation, say so
-        logger.debug("nibabel cannot parse %s (%s); skipping the size check", path, err)
-        return None
-
-
-def check_nifti_complete(path: str | os.PathLike) -> np.dtype | None:
-    """Raise DataError if a NIfTI file holds less data than its header declares; return the on-disk voxel dtype
-    (None if only ITK can parse the header). Cheap: for ``.nii.gz`` the gzip trailer stores the uncompressed
-    size, so only a mismatch (truncation, or a multi-member file) decompresses the stream."""
-    path = Path(path)
-    layout = _nifti_layout(path)
-    if layout is None:
-        return None
-    expected, dtype = layout
-    with open(path, "rb") as f:
-        if f.read(2) != b"\x1f\x8b":
-            if os.fstat(f.fileno()).st_size < expected:
-                raise DataError(f"{path}: {_TRUNCATED.format(why='the voxel data ends early')}.")
-            return dtype
-        f.seek(-4, os.SEEK_END)
-        if int.from_bytes(f.read(4), "little") == expected % 2**32:
-            return dtype
-    if _gzip_size(path) < expected:
-        raise DataError(f"{path}: {_TRUNCATED.format(why='the voxel data ends early')}.")
-    return dtype
-
-
-def _sitk_header(path: Path, what: str) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise DataError(f"{path}: cannot be read as {what} ({_itk_reason(err)}); check the file is a valid {what} "
-                        "file, or re-export it.") from err  # fmt: skip
-    return reader
-
-
-def _sitk_read(path: Path, what: str) -> sitk.Image:
-    """Read with ITK; a header that reads but voxels that do not means truncated data."""
-    reader = _sitk_header(path, what)
-    try:
-        return reader.Execute()
-    except RuntimeError as err:
-        raise DataError(f"{path}: {_TRUNCATED.format(why=_itk_reason(err))}.") from err
-
-
-def _itk_reason(err: Exception) -> str:
-    """The informative line of an ITK exception, without object addresses and source locations."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    line = next((ln for ln in lines if "ERROR" in ln or "Description" in ln), lines[-1] if lines else "")
-    if "Unable to determine ImageIO reader" in line:
-        return "no reader recognises its header"
-    return re.sub(r"^(sitk::ERROR:|ITK ERROR:|Description:)\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", line)
 
 
 def _read_metaimage(path: Path) -> Image:
@@ -301,98 +132,8 @@ def _read_metaimage(path: Path) -> Image:
     return image_from_sitk(_sitk_read(path, "MetaImage"), path)
 
 
-def _read_nifti(path: Path) -> Image:
-    """ITK reads it (its qform/sform choice and RAS->LPS conversion), except that its NIfTI reader silently turns
-    NaN/Inf into 0, which would hide exactly what the dataset checker must report: floating-point voxels are
-    therefore read with nibabel (slower gzip) and only the geometry comes from ITK."""
-    import nibabel as nib
-
-    disk_dtype = check_nifti_complete(path)
-    if disk_dtype is None or disk_dtype.kind != "f":
-        return _with_nifti_codes(_sitk_read(path, "NIfTI"), path)
-    reader = _sitk_header(path, "NIfTI")
-    size, ncomp = tuple(reader.GetSize()), reader.GetNumberOfComponents()
-    data = np.asanyarray(nib.load(str(path), mmap=False).dataobj)
-    if data.size != int(np.prod(size)) * ncomp or (reader.GetDimension() == 4 and ncomp > 1):
-        return _with_nifti_codes(_sitk_read(path, "NIfTI"), path)  # a layout only ITK understands
-    # NIfTI is x-fastest (Fortran order) with vector components slowest; ours is [c, (t,) z, y, x]
-    arr = data.reshape(size + (ncomp,), order="F").T
-    image = Image(array=np.ascontiguousarray(arr[0] if ncomp == 1 else arr), path=path, **_geometry(reader))
-    image.meta["nifti_codes"] = _nifti_codes(reader)
-    return image
-
-
-def _nifti_codes(itk) -> dict[str, int]:
-    """The header's sform/qform codes (what the coordinates mean: 1 scanner, 2 aligned, 3 Talairach, 4 MNI...),
-    which ITK reads but does not write back (it writes 1 and 1): :func:`write_image` restores them."""
-    return {k: int(itk.GetMetaData(k)) for k in ("sform_code", "qform_code") if itk.HasMetaDataKey(k)}
-
-
-def _with_nifti_codes(img: sitk.Image, path: Path) -> Image:
-    image = image_from_sitk(img, path)
-    image.meta["nifti_codes"] = _nifti_codes(img)
-    return image
-
-
 def _read_nrrd(path: Path) -> Image:
     return image_from_sitk(_sitk_read(path, "NRRD"), path)
-
-
-def _read_dicom_file(path: Path) -> Image:
-    img = _sitk_read(path, "DICOM")
-    if img.GetDimension() == 3 and img.GetSize()[2] == 1:  # a radiograph or one slice: a 2D image
-        size = list(img.GetSize()[:2]) + [0]
-        img = sitk.Extract(img, size, [0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOGUESS)
-    return image_from_sitk(img, path)
-
-
-def find_dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
-    """Every DICOM series under ``folder`` (searched recursively) as (series id, sorted slice files)."""
-    found = []
-    for sub in sorted([folder, *(p for p in folder.rglob("*") if p.is_dir())]):
-        for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(sub)):
-            found.append((sid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(sub), sid))))
-    return found
-
-
-def _read_dicom_folder(folder: Path) -> Image:
-    series = find_dicom_series(folder)
-    if not series:
-        raise DataError(f"{folder}: no DICOM series found in this folder or below it; point to a folder holding the "
-                        f".dcm slices of one scan, or to an image file ({_supported(READ_EXTENSIONS)}).")  # fmt: skip
-    sid, files = max(series, key=lambda s: len(s[1]))
-    if len(series) > 1:
-        logger.info("%s holds %d DICOM series; reading %s (%d slices), the one with most slices",
-                    folder, len(series), sid, len(files))  # fmt: skip
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()  # the slices' own tags, for the slice positions below
-    try:
-        img = reader.Execute()
-    except RuntimeError as err:
-        raise DataError(f"{folder}: DICOM series {sid} cannot be read ({_itk_reason(err)}); a slice may be corrupt "
-                        "or missing; copy the series again.") from err  # fmt: skip
-    image = image_from_sitk(img, folder)
-    image.meta["dicom_series"] = sid
-    gaps = _slice_gaps(reader, img, len(files))
-    if gaps is not None:
-        image.meta["dicom_slice_gaps"] = gaps
-    return image
-
-
-def _slice_gaps(reader: sitk.ImageSeriesReader, img: sitk.Image, n: int) -> dict[str, float] | None:
-    """Smallest, median and largest distance between consecutive slice positions (ImagePositionPatient along the
-    slice normal). ITK stacks the slices at one spacing (first to last position over n - 1), so unequal gaps (a
-    missing slice, a variable-thickness protocol) mean voxels sit where they were not acquired."""
-    if img.GetDimension() != 3 or n < 3:
-        return None
-    normal = np.asarray(img.GetDirection(), float).reshape(3, 3)[:, 2]
-    try:
-        positions = [np.asarray(reader.GetMetaData(i, "0020|0032").split("\\"), float) @ normal for i in range(n)]
-    except (RuntimeError, ValueError):  # a slice without a usable position: ITK fell back to its own guess
-        return None
-    gaps = np.abs(np.diff(np.sort(positions)))
-    return {"min": float(gaps.min()), "median": float(np.median(gaps)), "max": float(gaps.max())}
 
 
 def axis_codes(direction: np.ndarray) -> tuple[str, bool]:
@@ -406,58 +147,6 @@ def axis_codes(direction: np.ndarray) -> tuple[str, bool]:
         w = int(np.argmax(np.abs(row)))
         letters += ("LPS"[w] if row[w] > 0 else "RAI"[w])
     return letters, bool(np.min(np.max(np.abs(m), axis=1)) < 0.9999)
-
-
-def _spatial_dims(arr: np.ndarray, path: Path) -> int:
-    if arr.ndim not in (2, 3, 4):
-        raise DataError(f"{path}: array of shape {arr.shape} is neither 2D, 3D nor channels + 3D.")
-    return 3 if arr.ndim == 4 else arr.ndim
-
-
-def _numpy_error(path: Path, err: Exception) -> DataError:
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic[:4] != b"PK\x03\x04" and magic != b"\x93NUMPY":
-        return DataError(f"{path}: not a NumPy {extension(path)} file (no NumPy/zip signature); re-save it with "
-                         "np.save / np.savez.")  # fmt: skip
-    if "pickle" in str(err) or "Object arrays" in str(err):
-        return DataError(f"{path}: holds Python objects, which are never unpickled (they could run code); save "
-                         "plain numeric arrays.")  # fmt: skip
-    return DataError(f"{path}: {_TRUNCATED.format(why=f'NumPy cannot read it: {err}')}.")
-
-
-def _read_npy(path: Path) -> Image:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise _numpy_error(path, err) from err
-    d = _spatial_dims(arr, path)
-    return Image(arr, (1.0,) * d, (0.0,) * d, np.eye(d), path)
-
-
-_NPZ_GEOMETRY = ("spacing", "origin", "direction")
-
-
-def _read_npz(path: Path) -> Image:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise _numpy_error(path, err) from err
-    arrays = [k for k in data if k not in _NPZ_GEOMETRY]
-    key = "image" if "image" in data else (arrays[0] if len(arrays) == 1 else None)
-    if key is None:
-        raise DataError(f"{path}: holds arrays {sorted(arrays)}; name the image array 'image' (np.savez(path, "
-                        "image=..., spacing=...)) or keep only one array in the file.")  # fmt: skip
-    arr = data[key]
-    d = len(data["spacing"]) if "spacing" in data else _spatial_dims(arr, path)
-    return Image(
-        array=arr,
-        spacing=tuple(float(s) for s in data.get("spacing", np.ones(d))),
-        origin=tuple(float(o) for o in data.get("origin", np.zeros(d))),
-        direction=np.asarray(data.get("direction", np.eye(d)), float).reshape(d, d),
-        path=path,
-    )
 
 
 def _read_raster(path: Path) -> Image:
@@ -573,32 +262,6 @@ def read_header(
     return tuple(int(s) for s in size), tuple(float(s) for s in spacing), np.dtype(dtype), int(channels)
 
 
-def _numpy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, dict[str, np.ndarray]]:
-    """Shape and dtype from the .npy header (no voxel data read), plus the small geometry arrays of an .npz."""
-    try:
-        if extension(path) == ".npy":
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            return arr.shape, arr.dtype, {}
-        with zipfile.ZipFile(path) as z:
-            names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
-            arrays = [n for n in names if n not in _NPZ_GEOMETRY]
-            key = "image" if "image" in names else (arrays[0] if len(arrays) == 1 else None)
-            if key is None:
-                raise DataError(f"{path}: holds arrays {sorted(arrays)}; name the image array 'image'.")
-            with z.open(key + ".npy") as f:
-                fmt = np.lib.format
-                version = fmt.read_magic(f)
-                shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
-            geometry = {}
-            for name in ("spacing", "direction"):
-                if name in names:
-                    with z.open(name + ".npy") as f:
-                        geometry[name] = np.lib.format.read_array(f)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise _numpy_error(path, err) from err
-    return tuple(shape), np.dtype(dtype), geometry
-
-
 # --- writing --------------------------------------------------------------------------------------------------------
 
 
@@ -635,47 +298,12 @@ def write_image(image: Image, path: str | os.PathLike, *, like: Image | None = N
                         "other formats check the folder is writable.") from err  # fmt: skip
 
 
-def _save_numpy(tmp: Path, save: Callable, *args, **kwargs) -> None:
-    with open(tmp, "wb") as f:  # a file object: np.save would otherwise append ".npy" to the temp name
-        save(f, *args, **kwargs)
-
-
 def _sitk_write_as(img: sitk.Image, tmp: Path, ext: str, compress: bool) -> None:
     """ITK picks the writer (and gzip for .nii.gz) by extension, so write a sibling that has the real one."""
     side = tmp.with_name(tmp.name + ext)
     try:
         sitk.WriteImage(img, str(side), compress)
         os.replace(side, tmp)
-    finally:
-        side.unlink(missing_ok=True)
-
-
-_QFORM_CODE_OFFSET = 252  # NIfTI-1 header: int16 qform_code at byte 252, int16 sform_code at 254
-
-
-def _write_nifti_with_codes(img: sitk.Image, tmp: Path, ext: str, codes: dict[str, int], compress: bool) -> None:
-    """ITK writes the header (geometry as it always does), then the two code fields are set in place; ``.nii.gz``
-    is compressed afterwards."""
-    side = tmp.with_name(tmp.name + ".nii")
-    try:
-        sitk.WriteImage(img, str(side), False)
-        with open(side, "r+b") as f:
-            head = f.read(_QFORM_CODE_OFFSET + 4)
-            order = {348: "<", 348 << 24: ">"}.get(int.from_bytes(head[:4], "little"))
-            if order is None:  # NIfTI-2 (ITK's choice for very large images) keeps ITK's codes
-                logger.warning("%s: not written as NIfTI-1; its sform/qform codes are ITK's (1, 1), not %s",
-                               tmp, codes)
-            else:
-                old = np.frombuffer(head[_QFORM_CODE_OFFSET:], dtype=f"{order}i2")
-                new = np.array([codes.get("qform_code", old[0]), codes.get("sform_code", old[1])], f"{order}i2")
-                f.seek(_QFORM_CODE_OFFSET)
-                f.write(new.tobytes())
-        if ext == ".nii.gz":  # always gzip: readers go by the extension
-            with open(side, "rb") as src, open(tmp, "wb") as raw:
-                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6 if compress else 1, mtime=0) as dst:
-                    shutil.copyfileobj(src, dst, length=16 << 20)
-        else:
-            os.replace(side, tmp)
     finally:
         side.unlink(missing_ok=True)
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..weights.export import export_official
-from ..zoo.resnet3d import _kaiming_init, conv_seg_head
+from ..zoo.resnet3d_trunk import _kaiming_init, conv_seg_head
 
 # side of the cube used to measure an encoder's output channels when feature_channels is not given
 _DRY_RUN_SIZE = 32

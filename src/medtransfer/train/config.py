@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import MedTransferError
+from .recipes import apply_recipe
 
 TASKS = ("segmentation", "classification", "features")  # the tasks of mt.create_model (zoo/registry.py)
 Task = Literal["segmentation", "classification", "features"]
@@ -356,9 +357,12 @@ def load_config(source: str | os.PathLike | Mapping[str, Any] | FinetuneConfig) 
     if isinstance(source, FinetuneConfig):
         return source
     data = dict(source) if isinstance(source, Mapping) else read_yaml(source)
-    from .recipes import resolve  # recipes imports this module
-
     return resolve(data)
+
+
+def resolve(data: Mapping[str, Any]) -> FinetuneConfig:
+    """Merge the recipe under the user's values, then validate (errors name the field)."""
+    return validate(apply_recipe(data))
 
 
 def config_to_dict(cfg: FinetuneConfig) -> dict[str, Any]:

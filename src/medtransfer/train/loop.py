@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from .distributed import (
     is_main_process,
 )
 from .optim import encoder_trainable_at, set_encoder_trainable
+from .progress import _Progress  # noqa: F401  (tests patch loop._Progress)
 
 __all__ = ["FitResult", "fit", "EpochShuffleSampler", "init_distributed", "is_main_process"]
 
@@ -132,121 +132,6 @@ def _better(value: float, best: Optional[float], mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-PROGRESS_LINES = 10  # plain progress: about this many evenly spaced lines per run when the step count is known
-PROGRESS_INTERVAL_S = 30.0  # ... and never longer apart than this
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60:02d}s"
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
-
-
-class _Progress:
-    """Training progress on rank 0: a rich bar when stderr is a terminal; elsewhere (a log file, SLURM, a pipe),
-    where a bar cannot redraw, plain lines on stderr, flushed as they are written:
-
-    * one at the first step, then one every ``total // PROGRESS_LINES`` steps and at least every
-      ``PROGRESS_INTERVAL_S`` seconds: ``step 40/200 epoch 2/10 loss 0.412 lr 0.001 0.31 s/it eta 49s`` (loss:
-      the mean over the steps since the previous line; s/it: over those steps, validation time excluded; eta:
-      from the mean time per step so far, validations included);
-    * one at each validation: the same, with ``val loss 0.52 dice_mean 0.61 (best 0.61 at step 40)``;
-    * one at the end: ``done: 200 steps in 1m 02s, best dice_mean 0.61 at step 160``.
-    """
-
-    def __init__(self, enabled: bool, total: Optional[int], *, epochs: Optional[int] = None,
-                 monitor: str = "") -> None:
-        self.bar, self.lines = None, False
-        self.total, self.epochs, self.monitor = total, epochs, monitor
-        if not enabled:
-            return
-        if sys.stderr.isatty():
-            try:
-                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-            except ImportError:
-                pass
-            else:
-                self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                                    TimeElapsedColumn(), transient=False)
-                self.bar.start()
-                self.task = self.bar.add_task("train", total=total, info="")
-                return
-        self.lines = True
-        self.every = max(1, total // PROGRESS_LINES) if total else None
-        self.t_start = self.t_line = self.t_step = time.perf_counter()
-        self.first_step: Optional[int] = None
-        self.step_no, self.epoch = 0, 0
-        self.losses: list[float] = []  # mean loss of each step since the previous line
-        self.lrs: dict[str, float] = {}
-
-    def update(self, step: int, info: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-
-    def after_step(self, step: int, epoch: int, loss: float, lrs: dict[str, float]) -> None:
-        """One optimiser step done (``loss``: its mean over the micro-batches); prints a line when one is due."""
-        if not self.lines:
-            return
-        now = time.perf_counter()
-        if self.first_step is None:
-            self.first_step = step - 1
-        self.step_no, self.epoch, self.lrs, self.t_step = step, epoch, lrs, now
-        self.losses.append(loss)
-        if step == self.first_step + 1 or (self.every and step % self.every == 0) or now - self.t_line >= PROGRESS_INTERVAL_S:
-            self._print()
-
-    def validation(self, val: dict[str, float], best: Optional[float], best_step: int) -> None:
-        if not self.lines:
-            return
-        parts = [f"val loss {val.get('loss', float('nan')):.4g}"]
-        if self.monitor and self.monitor != "loss" and self.monitor in val:
-            parts.append(f"{self.monitor} {val[self.monitor]:.4g}")
-        if best is not None:
-            parts.append(f"(best {best:.4g} at step {best_step})")
-        self._print(" ".join(parts))
-
-    def _print(self, val: str = "") -> None:
-        head = f"step {self.step_no}" + (f"/{self.total}" if self.total else "")
-        head += f" epoch {self.epoch + 1}" + (f"/{self.epochs}" if self.epochs else "")
-        parts = [head]
-        done_here = self.step_no - (self.first_step or 0)
-        if self.losses:
-            parts.append(f"loss {float(np.mean(self.losses)):.4g}")
-            values = sorted(set(self.lrs.values()))
-            if len(values) == 1:
-                parts.append(f"lr {values[0]:.3g}")
-            elif values:
-                parts.append("lr " + " ".join(f"{k} {v:.3g}" for k, v in self.lrs.items()))
-        if val:
-            parts.append(val)
-        if self.losses:
-            parts.append(f"{(self.t_step - self.t_line) / len(self.losses):.3g} s/it")
-        if self.total and done_here > 0:
-            remaining = max(self.total - self.step_no, 0) * (time.perf_counter() - self.t_start) / done_here
-            parts.append(f"eta {_duration(remaining)}")
-        print(" ".join(parts), file=sys.stderr, flush=True)
-        self.losses, self.t_line = [], time.perf_counter()
-
-    def close(self, *, done: bool = False, best: Optional[float] = None, best_step: int = 0) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-        if self.lines and done:
-            ran = self.step_no - (self.first_step or 0)
-            line = f"done: {self.step_no} steps"
-            if ran > 0:
-                line += f" in {_duration(time.perf_counter() - self.t_start)}"
-                line += f" ({ran} in this process)" if ran != self.step_no else ""
-            if best is not None:
-                line += f", best {self.monitor} {best:.4g} at step {best_step}"
-            print(line, file=sys.stderr, flush=True)
-
-
 class _TensorBoard:
     """Scalars to TensorBoard when ``torch.utils.tensorboard`` imports; silently nothing otherwise."""
 
@@ -311,6 +196,366 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # ----------------------------------------------------------------------------------------------------- the loop
 
 
+class _Run:
+    """One call of :func:`fit`: the run's counters and its named steps. The order of the steps is the order of the
+    random draws, which the bit-identical resume depends on: setup, :meth:`restore`, :meth:`wrap`, then per epoch
+    :meth:`start_epoch` and :meth:`train_epoch` (micro-batches, :meth:`optimizer_step`, validation) and
+    :meth:`end_epoch`."""
+
+    def __init__(self, model: nn.Module, train_loader: Iterable[dict], val_loader: Optional[Iterable[dict]], *,
+                 loss_fn: nn.Module, metrics: Any, optimizer: torch.optim.Optimizer, schedule: Any,
+                 cfg: TrainConfig, run_dir: Path, monitor: tuple[str, str], device: torch.device | str | None,
+                 batch_transform: Optional[Callable]) -> None:
+        self.monitor_name, self.monitor_mode = monitor
+        if self.monitor_mode not in ("max", "min"):
+            raise ValueError(f"monitor mode must be 'max' or 'min', got {self.monitor_mode!r}")
+        self.train_loader, self.val_loader, self.batch_transform = train_loader, val_loader, batch_transform
+        self.loss_fn, self.metrics, self.optimizer, self.schedule, self.cfg = loss_fn, metrics, optimizer, schedule, cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.rank, self.world = init_distributed()
+        self.main = is_main_process()
+        self.device = device = _resolve_device(device)
+        if cfg.deterministic:
+            _set_deterministic()
+
+        model.to(device)
+        self.model = model
+        self.use_cuda = use_cuda = device.type == "cuda"
+        self.amp_dtype = _AMP_DTYPES.get(cfg.amp) if use_cuda else None
+        if cfg.amp != "none" and not use_cuda:
+            log.info("train.amp=%s is a no-op on %s; training in float32", cfg.amp, device.type)
+        self.scaler = torch.amp.GradScaler("cuda") if (use_cuda and cfg.amp == "fp16") else None
+        self.channels_last = cfg.channels_last and use_cuda
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)  # 5-D inputs convert per batch; 4-D weights stay compatible
+
+        self.base = unwrap_model(model)
+        self.freeze = cfg.freeze_encoder_steps
+        self.encoder_norms = _encoder_norms(self.base) if self.freeze != 0 else []
+
+        self.step, self.epoch, self.batches_done = 0, 0, 0
+        self.best_metric: Optional[float] = None
+        self.best_step, self.bad_validations = 0, 0
+        self.epoch_rng: Optional[dict] = None
+        self.resumed: Optional[dict] = None
+        self.saved_step: Optional[int] = None  # the step of the last.pt on disk, for the Ctrl-C message
+        self.stopped_early = False
+
+        self.n_batches = _len_or_none(train_loader)
+        self.max_epochs = cfg.max_epochs if cfg.max_epochs is not None else math.inf
+        self.max_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
+
+    # ------------------------------------------------------------------ state (fresh or resumed)
+
+    def restore(self, resume: bool) -> None:
+        """Counters, weights and optimiser state from ``last.pt`` (``resume``), or a fresh seeded start that drops
+        the files of an earlier run in the same folder."""
+        run_dir, ckpt_dir = self.run_dir, self.ckpt_dir
+        if self.main:
+            remove_stale_temps(run_dir, ckpt_dir)  # a kill inside atomic_write leaves its temporary file
+        if resume:
+            resumed = self.resumed = load_run_checkpoint(ckpt_dir / "last.pt")
+            self.base.load_state_dict(resumed["model"])
+            self.optimizer.load_state_dict(resumed["optimizer"])
+            self.schedule.load_state_dict(resumed["schedule"])
+            if self.scaler is not None and resumed.get("scaler"):
+                self.scaler.load_state_dict(resumed["scaler"])
+            self.step, self.epoch = int(resumed["step"]), int(resumed["epoch"])
+            self.batches_done = int(resumed.get("batches_done", 0))
+            self.best_metric = resumed["best_metric"]
+            self.best_step, self.bad_validations = int(resumed["best_step"]), int(resumed["bad_validations"])
+            if self.main:
+                _truncate_metrics(run_dir / "metrics.jsonl", self.step)
+            self.saved_step = self.step
+        else:
+            _seed_everything(self.cfg.seed + self.rank)
+            if self.main:  # a fresh run starts a fresh log, and no checkpoint of an earlier run may pass for its own
+                for stale in (run_dir / "metrics.jsonl", ckpt_dir / "last.pt", ckpt_dir / "best.pt"):
+                    stale.unlink(missing_ok=True)
+
+    def wrap(self) -> None:
+        """The encoder's trainability at the current step, and the DDP wrapper under ``torchrun``."""
+        base, freeze, model = self.base, self.freeze, self.model
+        self.trainable = encoder_trainable_at(self.step, freeze)
+        if freeze != 0:
+            set_encoder_trainable(base, self.trainable)
+        self.train_model: nn.Module = model
+        if is_distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
+            if freeze > 0:  # DDP registers only parameters that require grad at wrap time: wrap with all of them
+                set_encoder_trainable(base, True)
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.use_cuda else None,
+                # frozen parts, and the idle decoders of multi-dataset training, get no gradient in a step
+                find_unused_parameters=freeze > 0 or bool(getattr(base, "has_unused_parameters", False)),
+            )
+            if freeze != 0:
+                set_encoder_trainable(base, self.trainable)
+
+    def start_logs(self, bar: _Progress) -> None:
+        self.bar = bar
+        self.tb = _TensorBoard(self.run_dir, self.main)
+        self.loss_window: list[float] = []
+        self.wait_time = 0.0
+        self.window_start = self.t0 = time.perf_counter()
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ small helpers
+
+    def rank_rng(self, state: dict, key: str) -> Optional[dict]:
+        per_rank = state.get(f"{key}_ranks")
+        if per_rank and len(per_rank) == self.world:
+            return per_rank[self.rank]
+        return state.get(key)
+
+    def set_train_mode(self) -> None:
+        self.train_model.train()
+        if not self.trainable:
+            for m in self.encoder_norms:  # a frozen encoder keeps its batch statistics (linear probe)
+                m.eval()
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.is_floating_point() and x.ndim in (4, 5):
+            x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+        return x
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def lrs(self) -> dict[str, float]:
+        return {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}
+
+    # ------------------------------------------------------------------ validation and checkpoints
+
+    def validate(self) -> dict[str, float]:
+        base, metrics, device = self.base, self.metrics, self.device
+        base.eval()
+        metrics.reset()
+        loss_sum, count = 0.0, 0
+        with torch.no_grad():
+            for batch in self.val_loader:
+                image, label = self.to_device(batch["image"]), batch["label"].to(device)
+                with self.autocast():
+                    logits = base(image, **_forward_kwargs(batch))
+                logits = logits.float()
+                n = int(image.shape[0])
+                loss_sum += float(self.loss_fn(logits, label)) * n
+                count += n
+                metrics.update(logits, label)
+        if is_distributed():
+            states = all_gather_object(({k: v.cpu() for k, v in metrics.state().items()}, loss_sum, count))
+            metrics.merge([s for r, (s, _, _) in enumerate(states) if r != self.rank])
+            loss_sum, count = sum(s[1] for s in states), sum(s[2] for s in states)
+        out = {k: float(v) for k, v in metrics.compute().items()}
+        out["loss"] = loss_sum / count if count else float("nan")
+        self.set_train_mode()
+        return out
+
+    def save_last(self) -> None:
+        rng = all_gather_object(rng_state())  # every rank's generators, so each resumes its own stream
+        erng = all_gather_object(self.epoch_rng)
+        if not self.main:
+            return
+        save_run_checkpoint(self.ckpt_dir / "last.pt", {
+            "model": self.base.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
+            "best_metric": self.best_metric, "best_step": self.best_step, "bad_validations": self.bad_validations,
+            "rng": rng[0], "rng_ranks": rng, "epoch_rng": erng[0], "epoch_rng_ranks": erng,
+        })
+        self.saved_step = self.step
+
+    def save_best(self, value: float) -> None:
+        if self.main:
+            save_run_checkpoint(self.ckpt_dir / "best.pt", {
+                "model": self.base.state_dict(), "step": self.step, "epoch": self.epoch, "metric": value,
+                "monitor": self.monitor_name,
+            })
+
+    def write_record(self, val: Optional[dict[str, float]]) -> None:
+        elapsed = time.perf_counter() - self.window_start
+        record = {
+            "step": self.step, "epoch": self.epoch, "lr": self.lrs(),
+            "train_loss": float(np.mean(self.loss_window)) if self.loss_window else None,
+            "val": val, "time": time.perf_counter() - self.t0,
+            "data_wait": self.wait_time / elapsed if elapsed > 0 else 0.0,
+        }
+        if self.main:
+            _append_jsonl(self.run_dir / "metrics.jsonl", record)
+            self.tb.log(record)
+        self.loss_window, self.wait_time, self.window_start = [], 0.0, time.perf_counter()
+
+    def after_validation(self, val: dict[str, float]) -> Optional[float]:
+        """Track the best/bad counters, write ``best.pt`` on an improvement, decide early stopping; returns the
+        monitored value."""
+        value = val.get(self.monitor_name)
+        if value is None:
+            raise MedTransferError(f"monitor {self.monitor_name!r} is not among the validation values {sorted(val)}")
+        if _better(value, self.best_metric, self.monitor_mode):
+            self.best_metric, self.best_step, self.bad_validations = value, self.step, 0
+            self.save_best(value)
+        else:
+            self.bad_validations += 1
+        patience = self.cfg.early_stop_patience
+        self.stopped_early = patience is not None and self.bad_validations >= patience
+        self.bar.validation(val, self.best_metric, self.best_step)
+        return value
+
+    # ------------------------------------------------------------------ training
+
+    def optimizer_step(self, micro_batches: int) -> None:
+        """Unscale, clip, step the optimiser and the per-batch schedule; unfreeze the encoder when its step comes."""
+        optimizer, scaler = self.optimizer, self.scaler
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], self.cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.schedule.step_batch()
+        self.step += 1
+        self.bar.after_step(self.step, self.epoch, float(np.mean(self.loss_window[-micro_batches:])), self.lrs())
+        now_trainable = encoder_trainable_at(self.step, self.freeze)
+        if self.freeze != 0 and now_trainable != self.trainable:
+            self.trainable = now_trainable
+            set_encoder_trainable(self.base, self.trainable)
+            self.set_train_mode()
+
+    def backward(self, image: torch.Tensor, label: torch.Tensor, batch: dict, sync: bool) -> None:
+        """Forward and backward of one micro-batch (``loss / accum_steps``); DDP syncs gradients only when ``sync``."""
+        train_model, scaler = self.train_model, self.scaler
+        no_sync = train_model.no_sync if (is_distributed() and not sync) else contextlib.nullcontext
+        with no_sync():
+            with self.autocast():
+                logits = train_model(image, **_forward_kwargs(batch))
+            loss = self.loss_fn(logits.float(), label)
+            if not torch.isfinite(loss):
+                raise MedTransferError(f"the training loss became {float(loss)} at step {self.step}; "
+                                       "lower optim.lr or set train.grad_clip")
+            scaled = loss / self.cfg.accum_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        self.loss_window.append(float(loss.detach()))
+
+    def start_epoch(self) -> Iterator[dict]:
+        """The epoch's batch iterator; after a resume mid-epoch, the batches already done are drawn again (with the
+        epoch's saved generators, so the order is the same) and skipped, then the saved generators take over."""
+        _set_epoch(self.train_loader, self.epoch)
+        skip = self.batches_done
+        restore_after: Optional[dict] = None
+        if self.resumed is not None:
+            start_rng = self.rank_rng(self.resumed, "epoch_rng")
+            if skip and start_rng is not None:  # replay the epoch's loader draws, then jump to the saved state
+                set_rng_state(start_rng)
+                self.epoch_rng, restore_after = start_rng, self.rank_rng(self.resumed, "rng")
+            else:
+                set_rng_state(self.rank_rng(self.resumed, "rng"))
+            self.resumed = None
+        if skip == 0 or self.epoch_rng is None:
+            self.epoch_rng = rng_state()  # before iter(): a DataLoader draws its workers' base seed there
+        iterator: Iterator[dict] = iter(self.train_loader)
+        for _ in range(skip):
+            next(iterator)
+        if restore_after is not None:
+            set_rng_state(restore_after)
+        return iterator
+
+    def show_bar(self) -> None:
+        if self.bar.bar is None:
+            return
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        best = "-" if self.best_metric is None else f"{self.best_metric:.4f}"
+        self.bar.update(self.step, f"loss {np.mean(self.loss_window):.4f} | best {self.monitor_name} {best} | "
+                        f"{len(self.loss_window) / elapsed:.1f} it/s | data wait {self.wait_time / elapsed:.0%}")
+
+    def train_epoch(self) -> bool:
+        """Train until the epoch ends or a limit (steps, early stop) is hit; True when every batch was seen."""
+        iterator = self.start_epoch()
+        cfg, n_batches = self.cfg, self.n_batches
+        micro = 0
+        epoch_complete = False
+        while True:
+            t_wait = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                epoch_complete = True
+                break
+            self.wait_time += time.perf_counter() - t_wait
+            image, label = self.to_device(batch["image"]), batch["label"].to(self.device)
+            if self.batch_transform is not None:
+                image, label = self.batch_transform(image, label)
+            micro += 1
+            self.batches_done += 1
+            sync = micro % cfg.accum_steps == 0 or (n_batches is not None and self.batches_done >= n_batches)
+            self.backward(image, label, batch, sync)
+            if not sync:
+                continue
+            self.optimizer_step(micro)
+            micro = 0
+            self.show_bar()
+            if cfg.val_interval == "step" and self.val_loader is not None and self.step % cfg.val_every == 0:
+                val = self.validate()
+                self.schedule.observe(self.after_validation(val))
+                self.write_record(val)
+                self.save_last()
+            if self.stopped_early or self.step >= self.max_steps:
+                epoch_complete = n_batches is not None and self.batches_done >= n_batches
+                break
+        if micro:  # an epoch's remainder of micro-batches still updates the weights
+            self.optimizer_step(micro)
+        return epoch_complete
+
+    def end_epoch(self) -> None:
+        """Validation at the epoch's end (``val_interval: epoch``), the per-epoch schedule, ``last.pt``."""
+        cfg = self.cfg
+        value = None
+        if (cfg.val_interval == "epoch" and self.val_loader is not None and (self.epoch + 1) % cfg.val_every == 0
+                and not self.stopped_early):
+            val = self.validate()
+            value = self.after_validation(val)
+            self.write_record(val)
+        self.schedule.step_epoch(value)
+        self.epoch += 1
+        self.batches_done = 0
+        if value is None and self.loss_window:
+            self.write_record(None)
+        self.save_last()
+
+    def train(self) -> None:
+        while self.epoch < self.max_epochs and self.step < self.max_steps and not self.stopped_early:
+            if not self.train_epoch():
+                break
+            self.end_epoch()
+        if self.loss_window:
+            self.write_record(None)
+        self.save_last()
+
+    def total_steps(self) -> tuple[Optional[int], bool]:
+        """The run's step count when it is known (whichever of max_steps and max_epochs comes first), and whether
+        the epoch limit is the one that binds (the progress line then shows ``epoch e/E``)."""
+        cfg, n_batches = self.cfg, self.n_batches
+        by_epochs = None
+        if n_batches and cfg.max_epochs is not None:
+            by_epochs = -(-n_batches // cfg.accum_steps) * cfg.max_epochs
+        limits = [t for t in (cfg.max_steps, by_epochs) if t is not None]
+        total = min(limits) if limits else None
+        epochs_bind = cfg.max_steps is None or (by_epochs is not None and by_epochs <= cfg.max_steps)
+        return total, epochs_bind
+
+
+# ----------------------------------------------------------------------------------------------------- the loop
+
+
 def fit(
     model: nn.Module,
     train_loader: Iterable[dict],
@@ -335,315 +580,28 @@ def fit(
     torch's global generators, which ``last.pt`` saves, so resuming stays exact. A batch with a ``"head"`` entry
     (multi-dataset pretraining) is passed to the model as ``model(image, head=batch["head"])``.
     ``progress`` (rank 0 only): a rich bar when stderr is a terminal, else plain periodic lines on stderr for logs
-    and batch jobs (see :class:`_Progress`); False prints nothing.
+    and batch jobs (see :class:`~medtransfer.train.progress._Progress`); False prints nothing.
     """
-    monitor_name, monitor_mode = monitor
-    if monitor_mode not in ("max", "min"):
-        raise ValueError(f"monitor mode must be 'max' or 'min', got {monitor_mode!r}")
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    rank, world = init_distributed()
-    main = is_main_process()
-    device = _resolve_device(device)
-    if cfg.deterministic:
-        _set_deterministic()
-
-    model.to(device)
-    use_cuda = device.type == "cuda"
-    amp_dtype = _AMP_DTYPES.get(cfg.amp) if use_cuda else None
-    if cfg.amp != "none" and not use_cuda:
-        log.info("train.amp=%s is a no-op on %s; training in float32", cfg.amp, device.type)
-    scaler = torch.amp.GradScaler("cuda") if (use_cuda and cfg.amp == "fp16") else None
-    channels_last = cfg.channels_last and use_cuda
-    if channels_last:
-        model.to(memory_format=torch.channels_last)  # 5-D inputs convert per batch; 4-D weights stay compatible
-
-    base = unwrap_model(model)
-    freeze = cfg.freeze_encoder_steps
-    encoder_norms = _encoder_norms(base) if freeze != 0 else []
-
-    # ------------------------------------------------------------------ state (fresh or resumed)
-    step, epoch, batches_done = 0, 0, 0
-    best_metric: Optional[float] = None
-    best_step, bad_validations = 0, 0
-    epoch_rng: Optional[dict] = None
-    resumed: Optional[dict] = None
-    if main:
-        remove_stale_temps(run_dir, ckpt_dir)  # a kill inside atomic_write leaves its temporary file
-    if resume:
-        resumed = load_run_checkpoint(ckpt_dir / "last.pt")
-        base.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        schedule.load_state_dict(resumed["schedule"])
-        if scaler is not None and resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        step, epoch = int(resumed["step"]), int(resumed["epoch"])
-        batches_done = int(resumed.get("batches_done", 0))
-        best_metric = resumed["best_metric"]
-        best_step, bad_validations = int(resumed["best_step"]), int(resumed["bad_validations"])
-        if main:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
-    else:
-        _seed_everything(cfg.seed + rank)
-        if main:  # a fresh run starts a fresh log, and no checkpoint of an earlier run may pass for its own
-            for stale in (run_dir / "metrics.jsonl", ckpt_dir / "last.pt", ckpt_dir / "best.pt"):
-                stale.unlink(missing_ok=True)
-
-    trainable = encoder_trainable_at(step, freeze)
-    if freeze != 0:
-        set_encoder_trainable(base, trainable)
-    train_model: nn.Module = model
-    if is_distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
-        if freeze > 0:  # DDP registers only parameters that require grad at wrap time: wrap with all of them
-            set_encoder_trainable(base, True)
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if use_cuda else None,
-            # frozen parts, and the idle decoders of multi-dataset training, get no gradient in a step
-            find_unused_parameters=freeze > 0 or bool(getattr(base, "has_unused_parameters", False)),
-        )
-        if freeze != 0:
-            set_encoder_trainable(base, trainable)
-
-    def rank_rng(state: dict, key: str) -> Optional[dict]:
-        per_rank = state.get(f"{key}_ranks")
-        if per_rank and len(per_rank) == world:
-            return per_rank[rank]
-        return state.get(key)
-
-    def set_train_mode() -> None:
-        train_model.train()
-        if not trainable:
-            for m in encoder_norms:  # a frozen encoder keeps its batch statistics (linear probe)
-                m.eval()
-
-    def to_device(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device, non_blocking=True)
-        if channels_last and x.is_floating_point() and x.ndim in (4, 5):
-            x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
-        return x
-
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=amp_dtype)
-
-    # ------------------------------------------------------------------ validation and checkpoints
-
-    def validate() -> dict[str, float]:
-        base.eval()
-        metrics.reset()
-        loss_sum, count = 0.0, 0
-        with torch.no_grad():
-            for batch in val_loader:
-                image, label = to_device(batch["image"]), batch["label"].to(device)
-                with autocast():
-                    logits = base(image, **_forward_kwargs(batch))
-                logits = logits.float()
-                n = int(image.shape[0])
-                loss_sum += float(loss_fn(logits, label)) * n
-                count += n
-                metrics.update(logits, label)
-        if is_distributed():
-            states = all_gather_object(({k: v.cpu() for k, v in metrics.state().items()}, loss_sum, count))
-            metrics.merge([s for r, (s, _, _) in enumerate(states) if r != rank])
-            loss_sum, count = sum(s[1] for s in states), sum(s[2] for s in states)
-        out = {k: float(v) for k, v in metrics.compute().items()}
-        out["loss"] = loss_sum / count if count else float("nan")
-        set_train_mode()
-        return out
-
-    saved_step: Optional[int] = step if resume else None
-
-    def save_last() -> None:
-        nonlocal saved_step
-        rng = all_gather_object(rng_state())  # every rank's generators, so each resumes its own stream
-        erng = all_gather_object(epoch_rng)
-        if not main:
-            return
-        save_run_checkpoint(ckpt_dir / "last.pt", {
-            "model": base.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "step": step, "epoch": epoch, "batches_done": batches_done,
-            "best_metric": best_metric, "best_step": best_step, "bad_validations": bad_validations,
-            "rng": rng[0], "rng_ranks": rng, "epoch_rng": erng[0], "epoch_rng_ranks": erng,
-        })
-        saved_step = step
-
-    def save_best(value: float) -> None:
-        if main:
-            save_run_checkpoint(ckpt_dir / "best.pt", {
-                "model": base.state_dict(), "step": step, "epoch": epoch, "metric": value, "monitor": monitor_name,
-            })
-
-    # ------------------------------------------------------------------ logging
-    tb = _TensorBoard(run_dir, main)
-    loss_window: list[float] = []
-    wait_time = 0.0
-    window_start = time.perf_counter()
-    t0 = time.perf_counter()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    def write_record(val: Optional[dict[str, float]]) -> None:
-        nonlocal loss_window, wait_time, window_start
-        elapsed = time.perf_counter() - window_start
-        record = {
-            "step": step, "epoch": epoch,
-            "lr": {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)},
-            "train_loss": float(np.mean(loss_window)) if loss_window else None,
-            "val": val, "time": time.perf_counter() - t0,
-            "data_wait": wait_time / elapsed if elapsed > 0 else 0.0,
-        }
-        if main:
-            _append_jsonl(run_dir / "metrics.jsonl", record)
-            tb.log(record)
-        loss_window, wait_time, window_start = [], 0.0, time.perf_counter()
-
-    def after_validation(val: dict[str, float]) -> tuple[Optional[float], bool]:
-        """Track best/bad counters; returns the monitored value and whether to stop early."""
-        nonlocal best_metric, best_step, bad_validations
-        value = val.get(monitor_name)
-        if value is None:
-            raise MedTransferError(f"monitor {monitor_name!r} is not among the validation values {sorted(val)}")
-        if _better(value, best_metric, monitor_mode):
-            best_metric, best_step, bad_validations = value, step, 0
-            save_best(value)
-        else:
-            bad_validations += 1
-        stop = cfg.early_stop_patience is not None and bad_validations >= cfg.early_stop_patience
-        return value, stop
-
-    # ------------------------------------------------------------------ training
-    n_batches = _len_or_none(train_loader)
-    max_epochs = cfg.max_epochs if cfg.max_epochs is not None else math.inf
-    max_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
-    accum = cfg.accum_steps
-    by_epochs = -(-n_batches // accum) * cfg.max_epochs if n_batches and cfg.max_epochs is not None else None
-    limits = [t for t in (cfg.max_steps, by_epochs) if t is not None]
-    total = min(limits) if limits else None  # whichever limit comes first
-    epochs_bind = cfg.max_steps is None or (by_epochs is not None and by_epochs <= cfg.max_steps)
-    bar = _Progress(progress and main, total, epochs=cfg.max_epochs if epochs_bind else None, monitor=monitor_name)
+    run = _Run(model, train_loader, val_loader, loss_fn=loss_fn, metrics=metrics, optimizer=optimizer,
+               schedule=schedule, cfg=cfg, run_dir=run_dir, monitor=monitor, device=device,
+               batch_transform=batch_transform)
+    run.restore(resume)
+    run.wrap()
+    total, epochs_bind = run.total_steps()
+    run.start_logs(_Progress(progress and run.main, total, epochs=cfg.max_epochs if epochs_bind else None,
+                             monitor=run.monitor_name))
     completed = False
-    stopped_early = False
-    set_train_mode()
+    run.set_train_mode()
     optimizer.zero_grad(set_to_none=True)
-
-    def optimizer_step(micro_batches: int) -> None:
-        nonlocal step, trainable
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step_batch()
-        step += 1
-        bar.after_step(step, epoch, float(np.mean(loss_window[-micro_batches:])),
-                       {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)})
-        now_trainable = encoder_trainable_at(step, freeze)
-        if freeze != 0 and now_trainable != trainable:
-            trainable = now_trainable
-            set_encoder_trainable(base, trainable)
-            set_train_mode()
-
     try:
-        while epoch < max_epochs and step < max_steps and not stopped_early:
-            _set_epoch(train_loader, epoch)
-            skip = batches_done
-            restore_after: Optional[dict] = None
-            if resumed is not None:
-                start_rng = rank_rng(resumed, "epoch_rng")
-                if skip and start_rng is not None:  # replay the epoch's loader draws, then jump to the saved state
-                    set_rng_state(start_rng)
-                    epoch_rng, restore_after = start_rng, rank_rng(resumed, "rng")
-                else:
-                    set_rng_state(rank_rng(resumed, "rng"))
-                resumed = None
-            if skip == 0 or epoch_rng is None:
-                epoch_rng = rng_state()  # before iter(): a DataLoader draws its workers' base seed there
-            iterator: Iterator[dict] = iter(train_loader)
-            for _ in range(skip):
-                next(iterator)
-            if restore_after is not None:
-                set_rng_state(restore_after)
-            micro = 0
-            epoch_complete = False
-            while True:
-                t_wait = time.perf_counter()
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    epoch_complete = True
-                    break
-                wait_time += time.perf_counter() - t_wait
-                image, label = to_device(batch["image"]), batch["label"].to(device)
-                if batch_transform is not None:
-                    image, label = batch_transform(image, label)
-                micro += 1
-                batches_done += 1
-                sync = micro % accum == 0 or (n_batches is not None and batches_done >= n_batches)
-                no_sync = train_model.no_sync if (is_distributed() and not sync) else contextlib.nullcontext
-                with no_sync():
-                    with autocast():
-                        logits = train_model(image, **_forward_kwargs(batch))
-                    loss = loss_fn(logits.float(), label)
-                    if not torch.isfinite(loss):
-                        raise MedTransferError(f"the training loss became {float(loss)} at step {step}; "
-                                               "lower optim.lr or set train.grad_clip")
-                    scaled = loss / accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_window.append(float(loss.detach()))
-                if not sync:
-                    continue
-                optimizer_step(micro)
-                micro = 0
-                if bar.bar is not None:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    best = "-" if best_metric is None else f"{best_metric:.4f}"
-                    bar.update(step, f"loss {np.mean(loss_window):.4f} | best {monitor_name} {best} | "
-                               f"{len(loss_window) / elapsed:.1f} it/s | data wait {wait_time / elapsed:.0%}")
-                if cfg.val_interval == "step" and val_loader is not None and step % cfg.val_every == 0:
-                    val = validate()
-                    value, stopped_early = after_validation(val)
-                    bar.validation(val, best_metric, best_step)
-                    schedule.observe(value)
-                    write_record(val)
-                    save_last()
-                if stopped_early or step >= max_steps:
-                    epoch_complete = n_batches is not None and batches_done >= n_batches
-                    break
-            if micro:  # an epoch's remainder of micro-batches still updates the weights
-                optimizer_step(micro)
-            if not epoch_complete:
-                break
-            value = None
-            if (cfg.val_interval == "epoch" and val_loader is not None and (epoch + 1) % cfg.val_every == 0
-                    and not stopped_early):
-                val = validate()
-                value, stopped_early = after_validation(val)
-                bar.validation(val, best_metric, best_step)
-                write_record(val)
-            schedule.step_epoch(value)
-            epoch += 1
-            batches_done = 0
-            if value is None and loss_window:
-                write_record(None)
-            save_last()
-        if loss_window:
-            write_record(None)
-        save_last()
+        run.train()
         completed = True
     except KeyboardInterrupt as exc:
         if isinstance(exc, TrainingInterrupted):
             raise
-        raise TrainingInterrupted(run_dir, step, saved_step) from None
+        raise TrainingInterrupted(run.run_dir, run.step, run.saved_step) from None
     finally:
-        bar.close(done=completed, best=best_metric, best_step=best_step)
-        tb.close()
-    return FitResult(best_metric=best_metric, best_step=best_step, last_step=step, epochs=epoch,
-                     stopped_early=stopped_early, run_dir=run_dir)
+        run.bar.close(done=completed, best=run.best_metric, best_step=run.best_step)
+        run.tb.close()
+    return FitResult(best_metric=run.best_metric, best_step=run.best_step, last_step=run.step, epochs=run.epoch,
+                     stopped_early=run.stopped_early, run_dir=run.run_dir)

@@ -15,7 +15,6 @@ import copy
 from typing import Any, Mapping
 
 from ..errors import MedTransferError
-from .config import FinetuneConfig, validate
 
 _DICE_SMOOTH_1 = {"smooth": 1.0}  # Models Genesis / BenchmarkTransferLearning: smooth 1 (losses.build_loss kwargs)
 
@@ -154,7 +153,3 @@ def apply_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
                 del base[section]
     return merge(base, data)
 
-
-def resolve(data: Mapping[str, Any]) -> FinetuneConfig:
-    """Merge the recipe under the user's values, then validate (errors name the field)."""
-    return validate(apply_recipe(data))

@@ -218,7 +218,7 @@ def test_every_published_file_has_a_known_format_and_a_complete_record():
 def test_unknown_options_get_one_clear_error(name):
     options = mt.get_entry(name).arch_options
     with pytest.raises(TypeError, match=rf"model '{name}' has no option bogus; its options: "):
-        mt.create_model(name, bogus=1)
+        mt.create_model(name, task=mt.get_entry(name).tasks[0], bogus=1)
     assert all(isinstance(o, str) for o in options)
 
 

@@ -261,9 +261,9 @@ _P3D_OPTIONS = ("norm",)
             ),
             notes=(
                 "Mirror: BaiduYun https://pan.baidu.com/s/1zMyw2tcPY1q0SPRpZKSKbQ (code bbrc). Input as MP3D feeds "
-                "DeepLesion: 9 slices at 2.5 mm (neighbours linearly interpolated, the series end slice repeated), "
-                "in-plane resized to 512 (training 448/512/576 in configs/deeplesion/p3d.py), padded to a multiple "
-                "of 32. The file's contents were not inspected here (not downloadable from this machine)."
+                "DeepLesion: the key slice and 8 neighbours 2.5 mm apart (interpolated linearly when the slice interval "
+                "does not divide 2.5 mm; past the series end the last slice repeats), in-plane resized to 512 "
+                "(training 448/512/576 in configs/deeplesion/p3d.py), padded to a multiple of 32. The file's contents were not inspected here (not downloadable from this machine)."
             ),
         ),
     ),

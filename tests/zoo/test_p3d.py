@@ -15,6 +15,7 @@ from torch import nn
 
 import medtransfer as mt
 from medtransfer.errors import CheckpointMismatchError
+from medtransfer.train.finetune import model_divisor
 from medtransfer.weights.export import export_official
 from medtransfer.weights.sources import convert
 from medtransfer.zoo.tools import describe_model, inspect_checkpoint
@@ -262,6 +263,7 @@ def test_key_set_block_styles_and_parameter_count(reference):
     assert model.layer3[0].downsample[0].stride == (1, 2, 2) and model.layer1[0].downsample[0].stride == (1, 1, 1)
     assert all(isinstance(m, nn.GroupNorm) and m.num_groups == 32 for m in model.modules() if "Norm" in type(m).__name__)
     assert model.stage_channels == (256, 512, 1024, 2048) and model.stage_strides == (4, 8, 16, 32)
+    assert model_divisor(model, 3) == (1, 32, 32)  # no depth divisor; H, W as MP3D pads them
     bn = mt.create_model("p3d63", task="features", norm="bn")
     assert len(bn.state_dict()) == 207 + 3 * 69  # running_mean/var and num_batches_tracked for each of 69 norms
     assert sum(p.numel() for p in bn.parameters()) == n

@@ -109,6 +109,7 @@ class P3D63(ZooModel):
     spatial_dims = 3  # of the input; every output is 2D
     stage_channels = (256, 512, 1024, 2048)
     stage_strides = (4, 8, 16, 32)  # in-plane, relative to the input
+    size_divisor = (1, 32, 32)  # any depth >= 9 and any H, W run; MP3D pads H and W to multiples of 32 for its FPN
 
     def __init__(self, *, task: str, num_classes: int | None, in_channels: int = 1, norm: str = "gn"):
         super().__init__()

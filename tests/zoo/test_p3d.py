@@ -270,10 +270,12 @@ def test_key_set_block_styles_and_parameter_count(reference):
 
 
 def test_classification_head_and_zoo_listing():
-    model = mt.create_model("p3d63", task="classification", num_classes=3).eval()
-    with torch.no_grad():
-        out = model(torch.randn(2, 1, 9, 32, 32))
+    model = mt.create_model("p3d63", task="classification", num_classes=3)
+    out = model(torch.randn(2, 1, 9, 32, 32))
     assert out.shape == (2, 3) and model.fc.in_features == 2048
+    out.square().sum().backward()  # trains: every tensor gets a finite gradient
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.conv1_custom.weight.grad.abs().sum() > 0
     info = describe_model("p3d63")
     assert info.family == "MP3D" and info.weights == ["p3d63.coco"]
     assert info.encoder_parameters == 27_281_728 and info.parameters == 27_281_728 + 2048 * 2 + 2

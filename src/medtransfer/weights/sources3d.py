@@ -5,6 +5,7 @@
 | medicalnet  | ``{'state_dict': {'module.conv1.weight', ...}}`` (+ ``ecpoch``/``optimizer`` when fine-tuned) | MedicalNet ResNet |
 | genesis     | ``{'epoch', 'state_dict': {'module.down_tr64...'}, 'optimizer_state_dict'}`` | Models Genesis UNet3D  |
 | pymic       | ``{'iteration', 'valid_pred', 'model_state_dict', 'optimizer_state_dict'}`` | FMUNet / PCT-Net       |
+| mmdet       | MP3D: ``{'meta', 'state_dict', 'optimizer'?}`` or bare, keys under ``backbone.``, ``module.`` or none, with ``conv1_custom`` | P3D-63 (+ detector parts) |
 | mmcv        | ``{'meta', 'state_dict', 'optimizer'?}``, keys with or without ``backbone.`` | VDT ResNet3D (+ ``fc``) |
 | medtransfer | safetensors with a JSON ``medtransfer`` header entry                        | as written                |
 | plain       | any other dict of tensors, optionally under ``state_dict``/``model``        | ``module.`` stripped      |
@@ -69,6 +70,38 @@ register_source(
         detect=lambda obj: is_tensor_dict(_inner(obj, "model_state_dict")),
         convert=lambda obj: _strip_module(obj["model_state_dict"]),
         priority=10,
+    )
+)
+
+
+# -- mmdet (MP3D) ---------------------------------------------------------------------------------------------------
+_MMDET_WRAPPERS = ("module.", "backbone.")
+
+
+def _mmdet_state_dict(obj: Any) -> StateDict:
+    """The tensors of an MP3D file with every leading ``module.``/``backbone.`` removed; the detector's ``neck.``,
+    ``rpn_head.``, ``roi_head.`` keys stay, so that the load report lists them as unused."""
+    sd = _inner(obj) or obj
+    out: StateDict = {}
+    for key, value in tensors_only(sd).items():
+        while key.startswith(_MMDET_WRAPPERS):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def _detect_mmdet(obj: Any) -> bool:
+    w = _mmdet_state_dict(obj).get("conv1_custom.weight")
+    return w is not None and w.ndim == 5
+
+
+register_source(
+    Source(
+        name="mmdet",
+        description="mmdet (MP3D P3D): {'meta', 'state_dict'} or bare, keys under 'backbone.', 'module.' or none",
+        detect=_detect_mmdet,
+        convert=_mmdet_state_dict,
+        priority=15,  # before mmcv, whose {'meta', 'state_dict'} wrapper it shares
     )
 )
 

@@ -23,7 +23,7 @@ class ModelInfo:
     family: str
     description: str
     spatial_dims: int
-    parameters: int  # the segmentation network as built by create_model(name)
+    parameters: int  # the segmentation network as built by create_model(name); p3d63: the classifier
     encoder_parameters: int
     weights: list[str]  # full names name.tag of published weights
     input_contract: str  # short: modality, channels, patch size of the default weights
@@ -37,10 +37,15 @@ def _count(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> i
     )
 
 
+def _survey_task(entry: ModelEntry) -> str:
+    # Models are surveyed as segmentation networks; a 2.5D backbone (p3d63) has no segmentation task.
+    return "segmentation" if "segmentation" in entry.tasks else entry.tasks[0]
+
+
 def describe_model(name: str) -> ModelInfo:
     entry = get_entry(name)
     with torch.device("meta"):
-        model = create_model(name, task="segmentation")
+        model = create_model(name, task=_survey_task(entry))
     cfg = entry.pretrained_cfg()
     contract = "-"
     if cfg is not None:
@@ -95,10 +100,11 @@ def _plan_for(entry: ModelEntry, state_dict: dict[str, torch.Tensor], source: st
     kwargs.pop("notes", None)
     own_sources = {c.source for c in entry.pretrained} | {"medtransfer", "plain"}
     foreign = len(entry.pretrained) > 0 and source not in own_sources
-    num_classes = kwargs.pop("head_classes", {}).get("segmentation") or entry.default_num_classes
+    task = _survey_task(entry)
+    num_classes = kwargs.pop("head_classes", {}).get(task) or entry.default_num_classes
     try:
         with torch.device("meta"):
-            model = entry.fn(task="segmentation", num_classes=num_classes, in_channels=entry.default_in_channels, **kwargs)
+            model = entry.fn(task=task, num_classes=num_classes, in_channels=entry.default_in_channels, **kwargs)
     except (TypeError, ValueError) as exc:
         return ModelFit(entry.name, 0.0, False, f"cannot build with {kwargs}: {exc}")
     report, _ = plan_load(

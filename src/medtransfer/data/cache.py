@@ -108,6 +108,19 @@ class PreparedCache:
         """``(image memmap, label memmap or None, meta)``; nothing is read until the arrays are indexed."""
         return self.case(case_id).load()
 
+    def boxes(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(voxel boxes (N, 2 * dims) float32 on the prepared array, labels (N,) int64)`` of a detection case
+        (corner mode, array order, voxel ``i`` spans ``[i, i + 1)``: :mod:`medtransfer.data.boxes`)."""
+        meta = self.case(case_id).meta
+        if "boxes" not in meta:
+            raise DataError(
+                f"case {case_id!r} in the cache at {self.root} was prepared without boxes (not a detection case); "
+                "load the dataset for detection (e.g. format luna16 with task='detection') and prepare it again"
+            )
+        dims = int(meta.get("spatial_dims", 3))
+        boxes = np.asarray(meta["boxes"], np.float32).reshape(-1, 2 * dims)
+        return boxes, np.asarray(meta["box_labels"], np.int64).reshape(-1)
+
     def label_max(self) -> int | None:
         """The largest label value over the cached cases (None without labels), from the values the manifest
         records; a case prepared before they were recorded has its label array read."""
@@ -185,8 +198,11 @@ class PreparedCache:
             if case.case_id in failures:
                 continue
             sources, label_source = fingerprints[case.case_id]
-            key = _digest({**recipe, "images": [s["sha256"] for s in sources],
-                           "label": label_source["sha256"] if label_source else None})[:16]
+            keyed = {**recipe, "images": [s["sha256"] for s in sources],
+                     "label": label_source["sha256"] if label_source else None}
+            if case.boxes is not None:  # only detection cases: the keys of the other caches stay what they were
+                keyed["boxes"] = [list(case.boxes), list(case.box_labels or ())]
+            key = _digest(keyed)[:16]
             previous = old_cases.get(case.case_id)
             if previous and previous["key"] == key and _files_exist(self.root, previous):
                 entries[case.case_id] = {**previous, "sources": sources, "label_source": label_source,
@@ -365,7 +381,29 @@ def _prepare_case(job: _Job) -> dict[str, Any]:
     }
     if label is not None:
         entry["meta"]["label_values"] = _label_values(np.asarray(label.array))
+    if job.case.boxes is not None:
+        boxes, labels = _prepared_boxes(job.case, image)
+        entry["meta"]["boxes"], entry["meta"]["box_labels"] = boxes.tolist(), labels.tolist()
     return entry
+
+
+def _prepared_boxes(case: Case, image: Image) -> tuple[np.ndarray, np.ndarray]:
+    """The world boxes of ``case`` as voxel boxes of the prepared ``image``, clipped to it; a box left with no
+    volume (outside the image after cropping) is dropped with a warning naming the case."""
+    from .boxes import clip_boxes, world_to_voxel
+    from .geometry import Grid
+
+    grid = Grid.of(image)
+    labels = np.asarray(case.box_labels if case.box_labels is not None else [1] * len(case.boxes), np.int64)
+    if len(labels) != len(case.boxes):
+        raise DataError(f"case {case.case_id!r}: {len(case.boxes)} boxes but {len(labels)} box labels; give one "
+                        "label per box")  # fmt: skip
+    voxel = world_to_voxel(case.boxes, grid) if len(case.boxes) else np.zeros((0, 2 * grid.dims))
+    clipped, keep = clip_boxes(voxel, grid.shape)
+    if not keep.all():
+        log.warning("case %r: %d of %d boxes lie outside the prepared image (shape %s) and are dropped: %s",
+                    case.case_id, int((~keep).sum()), len(keep), grid.shape, voxel[~keep].round(2).tolist())
+    return clipped[keep].astype(np.float32), labels[keep]
 
 
 def _label_values(label: np.ndarray) -> list[int]:

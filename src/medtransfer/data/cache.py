@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import DataError, MedTransferError
 from ..provenance import sha256_file
 from ..weights.io import atomic_write
+from .datasets.detection import case_reader
 from .preprocess import Pipeline
 from .types import Case, Dataset, Image
 
@@ -191,6 +192,7 @@ class PreparedCache:
         old_cases: dict[str, Any] = _read_manifest(self.manifest_path)["cases"]
         recipe = {"format": CACHE_FORMAT, "medtransfer": __version__, "pipeline": pipeline.to_dict()}
         failures: dict[str, str] = {}
+        reader = self.reader if self.reader is not None else case_reader(dataset)
         fingerprints = self._fingerprint_all(dataset.cases, old_cases, workers, failures)
         entries: dict[str, Any] = {}
         jobs: list[_Job] = []
@@ -202,13 +204,15 @@ class PreparedCache:
                      "label": label_source["sha256"] if label_source else None}
             if case.boxes is not None:  # only detection cases: the keys of the other caches stay what they were
                 keyed["boxes"] = [list(case.boxes), list(case.box_labels or ())]
+            if reader is not self.reader:  # a dataset's own reader (DeepLesion's slice stacks) reads more files
+                keyed["slices"] = dataset.description.get("slices", {}).get(case.case_id)
             key = _digest(keyed)[:16]
             previous = old_cases.get(case.case_id)
             if previous and previous["key"] == key and _files_exist(self.root, previous):
                 entries[case.case_id] = {**previous, "sources": sources, "label_source": label_source,
                                          "meta": {**previous["meta"], "target": _jsonable(case.target)}}
                 continue
-            jobs.append(_Job(case, key, pipeline, self.reader, self.root, sources, label_source))
+            jobs.append(_Job(case, key, pipeline, reader, self.root, sources, label_source))
         return recipe, entries, jobs, failures
 
     def _fingerprint_all(self, cases: list[Case], old: dict[str, Any], workers: int,

@@ -66,7 +66,9 @@ class Dataset:
 
     name: str
     root: Path
-    format: str  # "msd", "nnunet", "medicalnet_list", "csv", "folder", "luna16", "image_list_2d", "image_mask_2d"
+    # "msd", "nnunet", "medicalnet_list", "csv", "folder", "luna16", "image_list_2d", "image_mask_2d", "deeplesion",
+    # "monai_detection"
+    format: str
     task: Task
     cases: list[Case]
     # segmentation label value -> name, class index -> name, or (detection) box class (1-based) -> name

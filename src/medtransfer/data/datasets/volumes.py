@@ -240,7 +240,7 @@ def load_luna16(root: Path, options: Mapping[str, Any]) -> Dataset:
     desc: dict[str, Any] = {"source": str(root), "subset": subset}
     ann = Path(options["annotations"]) if options.get("annotations") else root / "annotations.csv"
     if options.get("annotations") or ann.is_file():
-        desc["annotations"] = _luna_annotations(ann)
+        desc["annotations"], desc["annotations_file"] = _luna_annotations(ann), str(ann)
     from .detection import LUNA_CANDIDATE_FILES, luna_candidates, luna_detection
 
     if options.get("candidates"):

@@ -221,6 +221,11 @@ def test_deeplesion_phantoms_prepare_as_2p5d_stacks(tmp_path):
     boxes, labels = cache.boxes(case.case_id)
     assert boxes.shape[1] == 4 and (labels == 1).all()
     np.testing.assert_allclose(voxel_to_world(boxes, Grid.of(meta)), case.boxes, atol=1e-4)
+    # a changed neighbouring slice redoes the key slices that stack it, and only those
+    neighbour = ds.description["slices"][case.case_id][0]
+    users = {cid for cid, files in ds.description["slices"].items() if neighbour in files}
+    write_image(Image(np.full((40, 40), 32768, np.uint16), (1.0, 1.0), (0.0, 0.0), np.eye(2)), neighbour)
+    assert set(cache.pending(ds, Pipeline([preset("deeplesion")]), workers=1)) == users
 
 
 # --------------------------------------------------------------------------------------------- boxes from masks

@@ -193,7 +193,7 @@ class PreparedCache:
         recipe = {"format": CACHE_FORMAT, "medtransfer": __version__, "pipeline": pipeline.to_dict()}
         failures: dict[str, str] = {}
         reader = self.reader if self.reader is not None else case_reader(dataset)
-        fingerprints = self._fingerprint_all(dataset.cases, old_cases, workers, failures)
+        fingerprints = self._fingerprint_all(dataset.cases, old_cases, workers, failures, _extra_files(dataset))
         entries: dict[str, Any] = {}
         jobs: list[_Job] = []
         for case in dataset.cases:
@@ -204,24 +204,24 @@ class PreparedCache:
                      "label": label_source["sha256"] if label_source else None}
             if case.boxes is not None:  # only detection cases: the keys of the other caches stay what they were
                 keyed["boxes"] = [list(case.boxes), list(case.box_labels or ())]
-            if reader is not self.reader:  # a dataset's own reader (DeepLesion's slice stacks) reads more files
-                keyed["slices"] = dataset.description.get("slices", {}).get(case.case_id)
             key = _digest(keyed)[:16]
             previous = old_cases.get(case.case_id)
             if previous and previous["key"] == key and _files_exist(self.root, previous):
                 entries[case.case_id] = {**previous, "sources": sources, "label_source": label_source,
                                          "meta": {**previous["meta"], "target": _jsonable(case.target)}}
                 continue
-            jobs.append(_Job(case, key, pipeline, reader, self.root, sources, label_source))
+            # a dataset's reader cut down to this case, so a job pickles one case's slice list, not the dataset's
+            own = reader.for_case(case) if hasattr(reader, "for_case") else reader
+            jobs.append(_Job(case, key, pipeline, own, self.root, sources, label_source))
         return recipe, entries, jobs, failures
 
-    def _fingerprint_all(self, cases: list[Case], old: dict[str, Any], workers: int,
-                         failures: dict[str, str]) -> dict[str, tuple[list[dict], dict | None]]:
+    def _fingerprint_all(self, cases: list[Case], old: dict[str, Any], workers: int, failures: dict[str, str],
+                         extra: dict[str, list[str]]) -> dict[str, tuple[list[dict], dict | None]]:
         known = {s["path"]: s for e in old.values() for s in [*e.get("sources", []), e.get("label_source")] if s}
         known.update(self._hashed)  # what pending() just hashed is not hashed again by prepare()
 
         def one(case: Case) -> tuple[list[dict], dict | None]:
-            sources = [_fingerprint(Path(p), known) for p in case.images]
+            sources = [_fingerprint(Path(p), known) for p in (*case.images, *extra.get(case.case_id, ()))]
             return sources, (_fingerprint(Path(case.label), known) if case.label is not None else None)
 
         result: dict[str, tuple[list[dict], dict | None]] = {}
@@ -278,6 +278,15 @@ def _progress_bar(enabled: bool):
     console = Console(stderr=True)
     return Progress(TextColumn("preparing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=console, disable=not (enabled and console.is_terminal), transient=True)
+
+
+def _extra_files(dataset: Dataset) -> dict[str, list[str]]:
+    """Files a case's reader reads besides its images (DeepLesion: the neighbouring slices), so that a changed
+    neighbour changes the case's key too."""
+    if dataset.format != "deeplesion":
+        return {}
+    slices = dataset.description.get("slices", {})
+    return {c.case_id: list(slices.get(c.case_id, ())) for c in dataset.cases}
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -186,6 +186,10 @@ class DeepLesionReader:
         return cls({p: desc["slices"][cid] for p, cid in by_path.items()},
                    {p: desc["spacing"][cid][:2] for p, cid in by_path.items()})  # fmt: skip
 
+    def for_case(self, case: Case) -> DeepLesionReader:
+        key = str(case.images[0])
+        return DeepLesionReader({key: self.slices[key]}, {key: self.spacing[key]})
+
     def __call__(self, path: Path) -> Image:
         from ..io import read_image
 

@@ -160,7 +160,7 @@ def test_datalist_errors_name_the_item(tmp_path):
 
 DL_HEADER = ("File_name,Patient_index,Study_index,Series_ID,Key_slice_index,Measurement_coordinates,Bounding_boxes,"
              "Lesion_diameters_Pixel_,Normalized_lesion_location,Coarse_lesion_type,Possibly_noisy,Slice_range,"
-             "Spacing_mm_px_,DICOM_windows,Patient_gender,Patient_age,Image_size,Train_Val_Test")  # fmt: skip
+             "Spacing_mm_px_,Image_size,DICOM_windows,Patient_gender,Patient_age,Train_Val_Test")  # fmt: skip
 
 
 def hand_deeplesion(tmp_path: Path, rows_: list[str]) -> Path:
@@ -173,7 +173,7 @@ def hand_deeplesion(tmp_path: Path, rows_: list[str]) -> Path:
 
 
 ROW = ('000001_02_01_002.png,1,2,1,2,"0,0,0,0,0,0,0,0","{box}","4, 3","0.5, 0.5, 0.5",-1,{noisy},"1, 5",'
-       '"0.5, 0.8, 2.0","-1024, 1050",F,50,"10, 8",{split}')
+       '"0.5, 0.8, 2.0","10, 8","-1024, 1050",F,50,{split}')
 
 
 def test_deeplesion_hand_written(tmp_path):

@@ -225,11 +225,11 @@ def _write_deeplesion(root: Path, phantoms) -> None:
                              f"{x0:.3f}, {ym:.3f}, {x1:.3f}, {ym:.3f}, {xm:.3f}, {y0:.3f}, {xm:.3f}, {y1:.3f}",
                              f"{x0:.3f}, {y0:.3f}, {x1:.3f}, {y1:.3f}", f"{long_:.3f}, {short:.3f}",
                              "0.5, 0.5, 0.5", -1 if split == 1 else 4, 0, f"1, {depth}", f"{sx}, {sy}, {sz}",
-                             "-1024, 1050", "M", 60, f"{hu.shape[2]}, {hu.shape[1]}", split])  # fmt: skip
+                             f"{hu.shape[2]}, {hu.shape[1]}", "-1024, 1050", "M", 60, split])  # fmt: skip
     header = ("File_name", "Patient_index", "Study_index", "Series_ID", "Key_slice_index", "Measurement_coordinates",
               "Bounding_boxes", "Lesion_diameters_Pixel_", "Normalized_lesion_location", "Coarse_lesion_type",
-              "Possibly_noisy", "Slice_range", "Spacing_mm_px_", "DICOM_windows", "Patient_gender", "Patient_age",
-              "Image_size", "Train_Val_Test")  # fmt: skip
+              "Possibly_noisy", "Slice_range", "Spacing_mm_px_", "Image_size", "DICOM_windows", "Patient_gender",
+              "Patient_age", "Train_Val_Test")  # DeepLesion's column order  # fmt: skip
     _write_text(root / "DL_info.csv", _csv_text(header, rows))
 
 

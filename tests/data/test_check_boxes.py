@@ -66,7 +66,8 @@ def test_box_outside_zero_size_and_series_without_scan(luna):
 def test_missing_scan_names_the_file(luna):
     (luna / "subset0" / "phantom_001.zraw").unlink()
     report = check_dataset(load_dataset(luna, task="detection"), workers=1)
-    assert any("phantom_001.mhd: cannot be read" in e and "ElementDataFile" in e for e in errors(report)), errors(report)
+    found = errors(report)
+    assert any("phantom_001.mhd: cannot be read" in e and "ElementDataFile" in e for e in found), found
 
 
 def test_wrong_coordinate_count_and_undeclared_label(tmp_path):

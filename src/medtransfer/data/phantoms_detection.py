@@ -66,8 +66,13 @@ class DetectionPhantom:
         return Grid.of(self.image)
 
 
-def make_detection_phantom(seed: int, *, shape: Sequence[int] = (32, 48, 48), spacing: Sequence[float] = (2.5, 2.0, 2.0),
-                           extra_nodules: tuple[int, int] = (2, 4)) -> DetectionPhantom:  # fmt: skip
+def make_detection_phantom(
+    seed: int,
+    *,
+    shape: Sequence[int] = (32, 48, 48),
+    spacing: Sequence[float] = (2.5, 2.0, 2.0),
+    extra_nodules: tuple[int, int] = (2, 4),
+) -> DetectionPhantom:
     """A CT phantom from ``seed`` with ``extra_nodules`` (inclusive range) more lung nodules and its objects."""
     case = make_ct_phantom(seed, shape=shape, spacing=spacing)
     rng = np.random.default_rng([int(seed), 1])  # its own stream: the CT stays the generator's

@@ -11,7 +11,8 @@ listed twice keeps one id twice: duplicates are kept and recorded in ``descripti
 checker, never dropped silently.
 
 Modules: `common` (extensions, case ids, path resolution, reading JSON and text lists), `volumes` (MSD, nnU-Net,
-LUNA16, plain folder; `write_dataset_json`), `lists` (MedicalNet list, CSV, 2D image list, 2D image/mask folders).
+LUNA16, plain folder; `write_dataset_json`), `lists` (MedicalNet list, CSV, 2D image list, 2D image/mask folders),
+`detection` (LUNA16 nodules and candidates, DeepLesion, MONAI detection datalists, boxes from masks).
 This one detects the layout, checks the options and dispatches to the layout's parser.
 """
 
@@ -34,7 +35,14 @@ from .lists import (
     load_medicalnet_list,
     sniff_list,
 )
-from .detection import BOXES_FROM, boxes_from_masks, case_reader, is_monai_datalist, load_deeplesion, load_monai_datalist
+from .detection import (
+    BOXES_FROM,
+    boxes_from_masks,
+    case_reader,
+    is_monai_datalist,
+    load_deeplesion,
+    load_monai_datalist,
+)
 from .volumes import folder_entries, load_folder, load_luna16, load_msd, load_nnunet, write_dataset_json
 
 __all__ = [

@@ -23,6 +23,7 @@ from .common import (
     resolve,
     spatial_dims_of,
 )
+from .detection import LUNA_CANDIDATE_FILES, luna_candidates, luna_detection
 
 logger = logging.getLogger(__package__)  # the package's name, as before the split
 
@@ -241,8 +242,6 @@ def load_luna16(root: Path, options: Mapping[str, Any]) -> Dataset:
     ann = Path(options["annotations"]) if options.get("annotations") else root / "annotations.csv"
     if options.get("annotations") or ann.is_file():
         desc["annotations"], desc["annotations_file"] = _luna_annotations(ann), str(ann)
-    from .detection import LUNA_CANDIDATE_FILES, luna_candidates, luna_detection
-
     if options.get("candidates"):
         desc["candidates"] = luna_candidates(Path(options["candidates"]))
     else:

@@ -82,13 +82,9 @@ def zoo_inspect(
 
     The file is read without executing anything in it. Exits 1 when it fits no registered model.
     """
-    from ..errors import MedTransferError
     from ..zoo.tools import inspect_checkpoint
 
-    try:
-        info = inspect_checkpoint(file, source=source)
-    except MedTransferError as exc:
-        _fail(exc)
+    info = inspect_checkpoint(file, source=source)
     fits = info.fits if show_all else [f for f in info.fits if f.ok]
     fits_none = not any(f.ok for f in info.fits)  # exit 1 then, so scripts can tell
     if as_json:
@@ -164,7 +160,6 @@ def zoo_convert(
     inflate: str = typer.Option("i3d", help="2D->3D kernel inflation: i3d (repeat and divide) or centre."),
 ) -> None:
     """Convert a weight file to medtransfer's normalised format (safetensors + JSON metadata) and print the report."""
-    from ..errors import MedTransferError
     from ..paths import check_output_file
     from ..zoo.tools import convert_checkpoint
 
@@ -181,7 +176,7 @@ def zoo_convert(
             min_coverage=min_coverage,
             inflate=inflate,
         )
-    except (MedTransferError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         _fail(exc)
     console.print(report)
     console.print(f"wrote [bold]{path}[/] ({len(report.loaded)} tensors from the file)")

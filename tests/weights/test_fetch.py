@@ -29,13 +29,14 @@ DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 class Server:
     """A loopback file server. ``files``: path -> bytes; ``ranges``: honour ``Range: bytes=N-`` (206);
     ``drop_after``: send that many body bytes of a full Content-Length, then close; ``html``: paths served as
-    text/html. ``requests`` records (path, Range header) of every request; as a proxy, the path is the full URL."""
+    text/html; ``redirects``: path -> address answered with 302. ``requests`` records (path, Range header) of every request; as a proxy, the path is the full URL."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.ranges = True
         self.drop_after: int | None = None
         self.html: set[str] = set()
+        self.redirects: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []
         outer = self
 
@@ -45,6 +46,13 @@ class Server:
 
             def do_GET(self):
                 outer.requests.append((self.path, self.headers.get("Range")))
+                moved = outer.redirects.get(urlsplit(self.path).path)
+                if moved is not None:  # as GitHub release and Hugging Face addresses do, to their CDN
+                    self.send_response(302)
+                    self.send_header("Location", moved)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = outer.files.get(urlsplit(self.path).path)
                 if body is None:
                     self.send_error(404, "Not Found")
@@ -126,6 +134,25 @@ def test_a_partial_file_is_resumed_with_a_range_request(server, tmp_path):
     assert server.requests == [("/w.pth", "bytes=30000-")]
     assert (done.resumed_from, done.downloaded) == (30000, len(PAYLOAD) - 30000)
     assert target.read_bytes() == PAYLOAD and not (tmp_path / "w.pth.part").exists()
+
+
+def test_a_redirect_keeps_the_range_request(server, tmp_path):
+    server.redirects["/releases/download/v1/w.pth"] = server.url("/w.pth")
+    (tmp_path / "w.pth.part").write_bytes(PAYLOAD[:1000])
+    done = fetch_file(server.url("/releases/download/v1/w.pth"), tmp_path / "w.pth", sha256=DIGEST, progress=False)
+    assert server.requests == [("/releases/download/v1/w.pth", "bytes=1000-"), ("/w.pth", "bytes=1000-")]
+    assert done.resumed_from == 1000 and (tmp_path / "w.pth").read_bytes() == PAYLOAD
+
+
+def test_a_part_another_process_is_writing_is_left_alone(server, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    part = tmp_path / "w.pth.part"
+    part.write_bytes(PAYLOAD[:1000])
+    with open(part, "ab") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(DownloadError, match="another process is downloading this file"):
+            fetch_file(server.url("/w.pth"), tmp_path / "w.pth", progress=False)
+    assert part.read_bytes() == PAYLOAD[:1000] and not (tmp_path / "w.pth").exists()
 
 
 def test_a_server_that_ignores_range_restarts_the_file(server, tmp_path):

@@ -65,7 +65,7 @@ def _print_model_detail(info) -> None:
         console.print("  no published weights")
     for cfg in info.pretrained:
         console.print(f"\n  [bold]{cfg['model']}.{cfg['tag']}[/]  file {cfg['file_name']}  (format {cfg['source']})")
-        for field in ("url", "pretraining", "modality", "in_channels", "intensity", "spacing", "patch_size",
+        for field in ("url", "sha256", "pretraining", "modality", "in_channels", "intensity", "spacing", "patch_size",
                       "num_classes", "arch_kwargs", "license", "citation", "notes"):
             value = cfg.get(field)
             if value not in (None, "", {}, ()):

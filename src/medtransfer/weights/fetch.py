@@ -240,7 +240,9 @@ def fetch_file(url: str, target: str | os.PathLike, *, sha256: Optional[str] = N
             target.parent.mkdir(parents=True, exist_ok=True)
             meter = _Meter(f"fetch {target.name}", total, offset, progress, echo)
             try:
-                with open(part, "ab" if offset else "wb") as out:
+                with open(part, "ab") as out:  # "ab", not "wb": truncate only once the lock is held
+                    _lock(out, part)
+                    out.truncate(offset)
                     while True:
                         try:
                             block = response.read(CHUNK)
@@ -271,6 +273,20 @@ def fetch_file(url: str, target: str | os.PathLike, *, sha256: Optional[str] = N
                             "file has changed")
     atomic_write(target, lambda tmp: os.replace(part, tmp))
     return Fetched(target, digest, expected is not None, resumed_from=resumed_from, downloaded=downloaded)
+
+
+def _lock(file, part: Path) -> None:
+    """Hold an exclusive lock on the open ``.part`` until it is closed: two processes (e.g. the ranks of a
+    ``torchrun`` job) appending to one file would interleave their bytes."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks here
+        return
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DownloadError(f"{part}: another process is downloading this file; wait for it to finish (or stop it) "
+                            "and run again") from None
 
 
 def _dropped(url: str, part: Path, have: int, total: Optional[int], exc: Optional[BaseException]) -> DownloadError:

@@ -203,7 +203,7 @@ def fetch_file(url: str, target: str | os.PathLike, *, sha256: Optional[str] = N
     part = target.with_name(target.name + ".part")
     offset = part.stat().st_size if part.is_file() else 0
     resumed_from, downloaded = offset, 0
-    for attempt in range(2):  # the second pass only after a stale .part was dropped
+    for _ in range(2):  # a second pass only after a stale .part was dropped
         try:
             response = _open(url, offset, timeout)
         except urllib.error.HTTPError as exc:

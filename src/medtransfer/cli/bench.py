@@ -50,7 +50,6 @@ def report(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Initialisation compared against."),
 ) -> None:
     """Rebuild report.md and report.html (table, p-values, charts, learning curves) from the store."""
-
     try:
         _report(grid, merge, baseline=baseline)
     except ValueError as exc:

@@ -3,8 +3,10 @@
 This module holds the app, its root command group (the shared error reporting: :class:`_Commands`, :func:`_fail`),
 the consoles and ``--version``/``--verbose``; each command group lives in its own module (``zoo``, ``data``,
 ``train``: finetune/evaluate/predict, ``pretrain``, ``bench``: benchmark/report, ``demo``). Each command parses its
-options, imports lazily and calls one library function. No library module imports this package
-(tests/test_layering.py checks it)."""
+options, imports lazily and calls one library function, leaving a :class:`~medtransfer.errors.MedTransferError` to
+:class:`_Commands`; a command catches only what the root group would not report (a ``ValueError`` such as pydantic's
+validation of a config, an exit code of its own). No library module imports this package (tests/test_layering.py
+checks it)."""
 
 from __future__ import annotations
 

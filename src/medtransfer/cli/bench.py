@@ -30,7 +30,6 @@ def benchmark(
     """Run (or resume) a grid of initialisations x tasks x label fractions x trials; results go to
     store.sqlite in the grid folder, one fine-tune + test evaluation per cell, then the report."""
     from ..bench.grid import load_benchmark_config, run_benchmark
-    from ..errors import MedTransferError
 
     try:
         cfg = load_benchmark_config(config, overrides)
@@ -40,7 +39,7 @@ def benchmark(
         if not no_report and shard is None:
             _report(grid, [], baseline=cfg.baseline)
         _exit_on_failures(grid / (f"store-{shard.replace('/', 'of')}.sqlite" if shard else "store.sqlite"))
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
 
 
@@ -51,11 +50,9 @@ def report(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Initialisation compared against."),
 ) -> None:
     """Rebuild report.md and report.html (table, p-values, charts, learning curves) from the store."""
-    from ..errors import MedTransferError
-
     try:
         _report(grid, merge, baseline=baseline)
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
 
 

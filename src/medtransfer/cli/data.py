@@ -19,12 +19,8 @@ data_app = typer.Typer(
 
 def _load_dataset(path: Path, fmt: str, **options):
     from ..data.datasets import load_dataset
-    from ..errors import MedTransferError
 
-    try:
-        return load_dataset(path, format=fmt, **{k: v for k, v in options.items() if v is not None})
-    except MedTransferError as exc:
-        _fail(exc)
+    return load_dataset(path, format=fmt, **{k: v for k, v in options.items() if v is not None})
 
 
 @data_app.command("inspect")
@@ -132,14 +128,10 @@ def data_phantoms(
     effusion). The same seed writes the same files.
     """
     from ..data.phantoms import write_phantom_dataset
-    from ..errors import MedTransferError
     from ..paths import check_output_dir
 
-    try:
-        check_output_dir(out, "--out")
-        path = write_phantom_dataset(out, n, seed, shape=(size, size, size), spacing=(spacing,) * 3, with_2d=not no_2d)
-    except MedTransferError as exc:
-        _fail(exc)
+    check_output_dir(out, "--out")
+    path = write_phantom_dataset(out, n, seed, shape=(size, size, size), spacing=(spacing,) * 3, with_2d=not no_2d)
     console.print(f"wrote {n} phantom cases to [bold]{path}[/]")
 
 
@@ -160,7 +152,6 @@ def data_cubes(
     made for LUNA16 volumes (at least 96 slices, 265 voxels in-plane); smaller volumes need smaller margins/cubes.
     Exits 1, writing nothing, when no volume gives a cube, saying why for each."""
     from ..data.cubes import CubeConfig, NoCubesError, extract_cubes_from_dataset
-    from ..errors import MedTransferError
     from ..paths import check_output_dir
 
     check_output_dir(out, "--out")  # a refusal is reported by _Commands, like every MedTransferError
@@ -172,7 +163,7 @@ def data_cubes(
         paths = extract_cubes_from_dataset(dataset, out, config=config, seed=seed)
     except NoCubesError as exc:  # the data gave nothing under these options: exit 1, like `data inspect`
         _fail(exc, code=1)
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
     for p in paths:
         console.print(f"wrote [bold]{p}[/]")
@@ -218,7 +209,7 @@ def data_prepare(
         pipeline = build_pipeline(preset=choice.preset, spacing=target)
         cache = PreparedCache(out)
         todo = cache.pending(dataset, pipeline, workers=workers)  # sizes, times and hashes only: no voxel read
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
     if todo:  # the up-to-date cases were prepared from these very files; a check reads every case
         report = check_dataset(dataset, workers=workers, progress=sys.stderr.isatty())
@@ -228,7 +219,7 @@ def data_prepare(
             raise typer.Exit(code=1)
     try:
         cases = cache.prepare(dataset, pipeline, workers=workers)
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
     if not todo:
         console.print(f"{len(cases)} cases up to date in [bold]{out}[/], nothing to redo", highlight=False,

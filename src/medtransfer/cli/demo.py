@@ -21,7 +21,6 @@ def demo(
     """The main job on the embedded phantoms: pretrain (Models Genesis, Volume Fusion, Med3D-style), benchmark
     against scratch at two label fractions x three trials, print the table and write the report."""
     from ..bench.demo import run_demo
-    from ..errors import MedTransferError
     from ..paths import check_output_dir
     from .bench import _exit_on_failures
 
@@ -30,5 +29,5 @@ def demo(
         check_output_dir(target, "--out")
         run_demo(target, quick=quick, progress=sys.stderr.isatty(), echo=typer.echo)
         _exit_on_failures(target / "store.sqlite")
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)

@@ -73,19 +73,18 @@ def pretrain(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (its files are "
                                    "removed first)."),
 ) -> None:
-    from ..errors import MedTransferError
     from ..pretext.runner import run_pretrain
     from .train import interrupted
 
     try:
         cfg = build_pretrain_config(config, method=method, model=model, data=data, recipe=recipe, seed=seed,
                                     out=out, overrides=overrides, resume=resume)
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
     try:
         # a bar on a terminal, else plain lines
         run_dir = run_pretrain(cfg, resume=resume, overwrite=overwrite, progress=True)
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:
         interrupted(exc, "pretrain", Path(cfg.out))

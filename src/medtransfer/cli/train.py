@@ -91,18 +91,17 @@ def finetune(
 ) -> None:
     """Fine-tune a model; writes config.yaml, env.json, split.json, checkpoints/ and metrics.jsonl. An existing
     run folder is never written to unless --resume or --overwrite says so."""
-    from ..errors import MedTransferError
     from ..train.finetune import run_finetune
 
     try:
         cfg = build_config(config, model=model, pretrained=pretrained, data=data, task=task, recipe=recipe,
                            label_fraction=label_fraction, seed=seed, out=out, overrides=overrides, resume=resume)
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
     try:
         # a bar on a terminal, else plain lines
         run_dir = run_finetune(cfg, resume=resume, overwrite=overwrite, progress=True)
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:
         interrupted(exc, "finetune", Path(cfg.out))
@@ -144,13 +143,12 @@ def evaluate(
 ) -> None:
     """Score the best checkpoint on whole cases; writes cases.csv and summary.json into RUN_DIR/evaluation
     (val split), RUN_DIR/evaluation-<split> or RUN_DIR/evaluation-<dataset name>."""
-    from ..errors import MedTransferError
     from ..train.apply import evaluate as run_evaluate
 
     try:
         out = run_evaluate(run_dir, data, split=split, grid=grid, overwrite=overwrite, window_size=_window(window),
                            overlap=overlap, batch_size=window_batch, memory_gb=memory_gb)
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
     typer.echo(str(out))
 
@@ -170,7 +168,6 @@ def predict(
 ) -> None:
     """Write a label map per input (NIfTI by default), on the input's grid (class probabilities mapped back by
     world coordinates, then the argmax). Clashing output names are refused before anything is written."""
-    from ..errors import MedTransferError
     from ..paths import check_output_dir
     from ..train.apply import predict as run_predict
 
@@ -180,7 +177,7 @@ def predict(
         paths = run_predict(run_dir, inputs, out if out is not None else run_dir / "predictions",
                             window_size=_window(window), overlap=overlap, batch_size=window_batch,
                             memory_gb=memory_gb, fmt=fmt, overwrite=overwrite)
-    except (MedTransferError, ValueError) as exc:
+    except ValueError as exc:
         _fail(exc)
     for p in paths:
         typer.echo(str(p))

@@ -1,4 +1,4 @@
-"""``medtransfer zoo list | inspect | convert``: the model zoo and weight files."""
+"""``medtransfer zoo list | inspect | convert | fetch``: the model zoo and weight files."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import typer
 from . import _fail, console, err_console
 
 zoo_app = typer.Typer(
-    help="Models and weights: list the zoo, inspect a weight file, convert one to the normalised format.",
+    help="Models and weights: list the zoo, inspect a weight file, convert one to the normalised format, "
+    "fetch published weights into the cache.",
     no_args_is_help=True,
 )
 
@@ -64,7 +65,7 @@ def _print_model_detail(info) -> None:
         console.print("  no published weights")
     for cfg in info.pretrained:
         console.print(f"\n  [bold]{cfg['model']}.{cfg['tag']}[/]  file {cfg['file_name']}  (format {cfg['source']})")
-        for field in ("url", "pretraining", "modality", "in_channels", "intensity", "spacing", "patch_size",
+        for field in ("url", "sha256", "pretraining", "modality", "in_channels", "intensity", "spacing", "patch_size",
                       "num_classes", "arch_kwargs", "license", "citation", "notes"):
             value = cfg.get(field)
             if value not in (None, "", {}, ()):
@@ -82,13 +83,9 @@ def zoo_inspect(
 
     The file is read without executing anything in it. Exits 1 when it fits no registered model.
     """
-    from ..errors import MedTransferError
     from ..zoo.tools import inspect_checkpoint
 
-    try:
-        info = inspect_checkpoint(file, source=source)
-    except MedTransferError as exc:
-        _fail(exc)
+    info = inspect_checkpoint(file, source=source)
     fits = info.fits if show_all else [f for f in info.fits if f.ok]
     fits_none = not any(f.ok for f in info.fits)  # exit 1 then, so scripts can tell
     if as_json:
@@ -164,7 +161,6 @@ def zoo_convert(
     inflate: str = typer.Option("i3d", help="2D->3D kernel inflation: i3d (repeat and divide) or centre."),
 ) -> None:
     """Convert a weight file to medtransfer's normalised format (safetensors + JSON metadata) and print the report."""
-    from ..errors import MedTransferError
     from ..paths import check_output_file
     from ..zoo.tools import convert_checkpoint
 
@@ -181,8 +177,47 @@ def zoo_convert(
             min_coverage=min_coverage,
             inflate=inflate,
         )
-    except (MedTransferError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         _fail(exc)
     console.print(report)
     console.print(f"wrote [bold]{path}[/] ({len(report.loaded)} tensors from the file)")
 
+
+
+@zoo_app.command(
+    "fetch",
+    help="Download a model's published weight file into the weights cache ($MEDTRANSFER_HOME/weights, default "
+    "~/.cache/medtransfer/weights), where pretrained=True finds it. NAME is a model with an optional weight tag "
+    "(medicalnet_resnet10.23dataset; no tag: the model's first file; `zoo list NAME` shows the tags). Only direct "
+    "links are fetched (GitHub releases, Zenodo, Hugging Face, file servers); the proxy variables https_proxy, "
+    "http_proxy and no_proxy are honoured. The file is written to FILE.part and renamed into place only when whole "
+    "and, where the zoo records its sha256, matching it (a wrong file is removed); without a recorded hash the "
+    "computed one is printed. A dropped connection keeps the .part: run the command again to resume it. For files "
+    "behind a Google Drive, Baidu or similar page it prints the manual steps and the cache path, writes nothing "
+    "and exits 1; a failed download also exits 1.",
+)
+def zoo_fetch(
+    name: str = typer.Argument(..., help="Model name with an optional weight tag, e.g. resnet50_2d.moco_v2."),
+) -> None:
+    from ..weights.fetch import DownloadError, ManualDownloadError
+    from ..zoo.builder import split_name
+    from ..zoo.pretrained import fetch_pretrained
+    from ..zoo.registry import get_entry
+
+    base, tag = split_name(name)
+    cfg = get_entry(base).pretrained_cfg(tag)
+    if cfg is None:
+        _fail(f"model '{base}' has no published weights; nothing to fetch")
+    try:
+        # a bar on a terminal, else plain lines
+        done = fetch_pretrained(cfg, echo=lambda line: typer.echo(line, err=True))
+    except (ManualDownloadError, DownloadError) as exc:  # the network or the publisher, not the command line
+        _fail(exc, code=1)
+    if done.reused:
+        err_console.print(f"{cfg.full_name}: already in the cache", highlight=False, soft_wrap=True)
+    elif done.resumed_from:
+        err_console.print(f"{cfg.full_name}: resumed at byte {done.resumed_from}, {done.downloaded} bytes fetched",
+                          highlight=False, soft_wrap=True)
+    if done.verified:  # otherwise fetch_pretrained's WARNING gives the hash it computed
+        err_console.print(f"sha256 {done.sha256} (matches the zoo's record)", highlight=False, soft_wrap=True)
+    typer.echo(str(done.path))

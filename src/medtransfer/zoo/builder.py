@@ -68,8 +68,11 @@ def load_notes(entry: ModelEntry, source: str, inferred: dict[str, Any]) -> list
 
 
 def _resolve_pretrained(
-    entry: ModelEntry, tag: str | None, pretrained: bool | str | os.PathLike
+    entry: ModelEntry, tag: str | None, pretrained: bool | str | os.PathLike, download: bool = False
 ) -> tuple[Path | None, PretrainedCfg | None]:
+    if download and pretrained is not True:
+        raise ValueError(f"download=True fetches the published weights of pretrained=True; got "
+                         f"pretrained={pretrained!r}")
     if pretrained is False or pretrained is None:
         return None, entry.pretrained_cfg(tag) if tag else None
     if pretrained is True:
@@ -78,7 +81,7 @@ def _resolve_pretrained(
             raise UnknownModelError(
                 f"model '{entry.name}' has no published weights; pass pretrained='path/to/file' for your own"
             )
-        return cached_file(cfg), cfg
+        return cached_file(cfg, download=download), cfg
     if isinstance(pretrained, (str, os.PathLike)):
         path = Path(pretrained).expanduser()
         if not path.exists():
@@ -94,6 +97,7 @@ def create_model(
     num_classes: int | None = None,
     in_channels: int | None = None,
     pretrained: bool | str | os.PathLike = False,
+    download: bool = False,
     source: str = "auto",
     min_coverage: float | None = None,
     inflate: str = "i3d",
@@ -109,6 +113,9 @@ def create_model(
         in_channels: input channels; default: the model's native count (1 for 3D models, 3 for ``resnet50_2d``).
             A checkpoint trained on another count has its input convolution adapted.
         pretrained: ``True`` (published weights from the cache, see ``MEDTRANSFER_HOME``), ``False``, or a path.
+        download: with ``pretrained=True``, fetch a file missing from the cache from its official address (a direct
+            link; sha256 checked when recorded; see :func:`medtransfer.zoo.pretrained.fetch_pretrained`). Default
+            ``False``: never download, a missing file is an error naming the address.
         source: checkpoint format, ``auto`` detects it from the file's key signature.
         min_coverage: raise if less than this fraction of the encoder tensors loads.
         inflate: how 2D kernels become 3D ones (``i3d`` or ``centre``).
@@ -128,7 +135,7 @@ def create_model(
     if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
         raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
 
-    path, cfg = _resolve_pretrained(entry, tag, pretrained)
+    path, cfg = _resolve_pretrained(entry, tag, pretrained, download)
     state_dict = source_name = None
     notes: list[str] = []
     kwargs = dict(cfg.arch_kwargs) if cfg else {}

@@ -302,12 +302,18 @@ _NOTES = {
     "iNat2021-mini model. Its 10,000-class fc is dropped on conversion.",
 }
 
+# sha256 a download must match: only what the publisher states. torchvision names its files by torch.hub's rule,
+# `name-<first digits of the sha256>.ext`, and checks that prefix itself on download (check_hash=True); the other
+# releases publish no hash (`medtransfer zoo fetch` prints the one it computed).
+_SHA256 = {"imagenet_supervised": "0676ba61"}
+
 PRETRAINED: tuple[PretrainedCfg, ...] = tuple(
     PretrainedCfg(
         model="resnet50_2d",
         tag=tag,
         file_name=file_name,
         url=url,
+        sha256=_SHA256.get(tag),
         source=source,
         num_classes=num_classes,
         modality=modality,

@@ -4,8 +4,9 @@ Per micro-batch: forward (under autocast when ``train.amp`` asks for it on CUDA)
 (through a GradScaler for fp16); every ``accum_steps`` micro-batches (and at the end of an epoch with a remainder):
 unscale, clip the global gradient norm (``train.grad_clip``), ``optimizer.step()``, ``schedule.step_batch()``.
 Validation every ``val_every`` epochs or steps (``val_interval``) gives the val loss and the task metrics;
-``best.pt`` is written when ``monitor`` improves, ``last.pt`` at every validation and at the end, both atomically
-and on rank 0 only. ``resume=True`` restores every counter and random generator from ``last.pt`` and, mid-epoch,
+``best.pt`` (weights, step and metric only) is written when ``monitor`` improves; ``last.pt`` (everything a resume
+needs) as ``train.save_last`` says: at every validation, epoch end and the run's end (the default), at the end only,
+or never; both atomically and on rank 0 only. ``resume=True`` restores every counter and random generator from ``last.pt`` and, mid-epoch,
 replays the epoch's data order up to the batches already done, so a resumed run ends with the same weights, bit for
 bit, as an uninterrupted one under deterministic settings.
 
@@ -355,7 +356,12 @@ class _Run:
         self.set_train_mode()
         return out
 
-    def save_last(self) -> None:
+    def save_last(self, final: bool = False) -> None:
+        """``last.pt`` as ``train.save_last`` says: at every call (``every_validation``), at the run's end only
+        (``end``: ``final``), or never."""
+        policy = self.cfg.save_last
+        if policy == "never" or (policy == "end" and not final):
+            return  # the same on every rank, so the gathers below stay collective
         rng = all_gather_object(rng_state())  # every rank's generators, so each resumes its own stream
         erng = all_gather_object(self.epoch_rng)
         if not self.main:
@@ -538,7 +544,7 @@ class _Run:
             self.end_epoch()
         if self.loss_window:
             self.write_record(None)
-        self.save_last()
+        self.save_last(final=True)
 
     def total_steps(self) -> tuple[Optional[int], bool]:
         """The run's step count when it is known (whichever of max_steps and max_epochs comes first), and whether

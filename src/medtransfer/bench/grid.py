@@ -94,6 +94,9 @@ class BenchmarkConfig(_Section):
     test_fraction: float = Field(0.25, gt=0, lt=1)
     finetune: dict[str, Any] = Field(default_factory=dict)  # fine-tune values for every run (train.max_steps...)
     out: Path = Path("runs/benchmark")
+    # what a finished run keeps (after its test evaluation is recorded): best (checkpoints/best.pt, weights only),
+    # none (no weights), all (best.pt and last.pt with optimiser state, written once at the run's end)
+    keep: Literal["best", "none", "all"] = "best"
 
     @field_validator("fractions")
     @classmethod
@@ -132,9 +135,9 @@ def load_benchmark_config(source: str | Path | dict | BenchmarkConfig, overrides
 def grid_hash(cfg: BenchmarkConfig) -> str:
     """What identifies a grid: everything that changes what a cell's run means. Not where it is written, and not
     ``trials`` or ``fractions``: adding seeds or fractions extends the same grid (the store checks that every
-    existing cell keeps its fields)."""
+    existing cell keeps its fields), and not ``keep``, which changes only what is left on disk."""
     data = cfg.model_dump(mode="json")
-    for key in ("out", "trials", "fractions"):
+    for key in ("out", "trials", "fractions", "keep"):
         data.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -206,6 +209,8 @@ def _pretrained(cfg: BenchmarkConfig, init: InitConfig, grid_dir: Path, progress
             echo(f"pretraining {init.name} ({resolved.method}){' (resuming)' if resume else ''} into {out}")
         run_pretrain(resolved, progress=progress, resume=resume, overwrite=not resume)  # the grid owns the folder
         atomic_write(marker, lambda tmp: tmp.write_text(json.dumps({"hash": key, "done": True}) + "\n"))
+        if cfg.keep != "all":  # finished: its product is pretrained.safetensors, last.pt only resumed it
+            (out / "checkpoints" / "last.pt").unlink(missing_ok=True)
     return str(product)
 
 
@@ -265,6 +270,28 @@ def finetune_config(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Unio
     })
 
 
+def storage_config(cfg: BenchmarkConfig, cell: dict[str, Any], grid_dir: Path) -> dict[str, Any]:
+    """How a cell's run uses the disk, merged under its fine-tune config (a value the config gives wins): the
+    task's shared cache root (``data.cache_root``: one prepared cache per dataset and pipeline for the whole grid),
+    and ``train.save_last``: ``never`` (a cell interrupted is run again from its start, so ``last.pt`` would only
+    be written and removed), ``end`` under ``keep: all``. None of it changes a run's result."""
+    return {"data": {"cache_root": str(grid_dir / "cache" / cell["task"])},
+            "train": {"save_last": "end" if cfg.keep == "all" else "never"}}
+
+
+def apply_keep(keep: str, run_dir: Union[str, Path, None]) -> None:
+    """Thin out a finished run's checkpoints as ``keep`` says; called only once the run is recorded ``done``, so
+    that a run killed before that is redone with all its files. ``best``: ``last.pt`` goes; ``none``: ``best.pt``
+    too; ``all``: nothing goes."""
+    if keep == "all" or run_dir is None:
+        return
+    ckpt = Path(run_dir) / "checkpoints"
+    for name in ("last.pt",) if keep == "best" else ("last.pt", "best.pt"):
+        (ckpt / name).unlink(missing_ok=True)
+    if keep == "none" and ckpt.is_dir() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
+
+
 def _last_step(run_dir: Path) -> Optional[int]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -281,7 +308,7 @@ def run_cell(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Union[bool,
 
     from ..train.finetune import evaluate, run_finetune
 
-    ft = finetune_config(cfg, cell, pretrained, grid_dir)
+    ft = merge(storage_config(cfg, cell, grid_dir), finetune_config(cfg, cell, pretrained, grid_dir))
     run_dir = run_finetune(ft, progress=progress, overwrite=True)  # a cell redone replaces its own earlier try
     summary = json.loads((evaluate(run_dir, split="test") / "summary.json").read_text())
     metrics = {k: float(v) for k, v in summary["metrics"].items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -410,6 +437,7 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
                         store.mark_failed(rid, error=detail, duration=time.perf_counter() - t0, claimant=claimant)
                     else:
                         store.mark_done(rid, duration=time.perf_counter() - t0, claimant=claimant, **result)
+                        apply_keep(cfg.keep, result.get("run_dir"))
                         if on_result is not None:
                             on_result({**cell, **result})
                 except LeaseLost as lost:  # this process stalled past its lease; the other attempt's result counts

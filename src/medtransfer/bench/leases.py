@@ -1,22 +1,81 @@
-"""What keeps the processes sharing a grid out of each other's way: the lease heartbeat of the run a process holds
-(:class:`_Heartbeat`, renewing :meth:`.store.ResultStore.renew`) and the lock file of a pretraining the shards share
-(:class:`_Lock`)."""
+"""What keeps the processes sharing a grid out of each other's way: who claims a run (:class:`Claimant`) and how
+long its lease holds, when a running row is free to take over (:func:`_free`, used by
+:meth:`.store.ResultStore.claim_next`), the heartbeat that renews the lease of the run a process holds
+(:class:`_Heartbeat`) and the lock file of a pretraining the shards share (:class:`_Lock`)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import secrets
 import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import MedTransferError
-from .store import Claimant, _alive_here
 
 log = logging.getLogger(__name__)
+
+# How long a claim holds a running row without renewal, and how often its owner renews it. The lease must outlast
+# the longest pause of a live owner (a loaded file system, a laptop lid shut for less than that); a dead owner on
+# another host blocks its run for at most this long. Clocks of the hosts sharing a store must agree to well within
+# LEASE_SECONDS (NTP does).
+LEASE_SECONDS = 300.0
+HEARTBEAT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """Who claims runs: ``host`` (``hostname:pid``), a random ``token`` told apart from any other claim (also from an
+    earlier grid of the same pid), and the ``lease`` in seconds each claim or renewal holds the row for."""
+
+    host: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
+    lease: float = LEASE_SECONDS
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lease, (int, float)) and math.isfinite(self.lease) and self.lease > 0):
+            raise ValueError(f"lease {self.lease!r}: a lease is a positive number of seconds, e.g. {LEASE_SECONDS:g}")
+
+
+def _free(run_id: str, status: str, attempts: int, host: str | None, token: str | None, lease_until: float | None, *,
+          claimant: Claimant, retry: Mapping[str, int] | None, now: float) -> bool:
+    """Whether ``claimant`` may start the run of a row in this state (see :meth:`ResultStore.claim_next`)."""
+    if status == "pending":
+        return True
+    if status == "failed":
+        return retry is not None and retry.get(run_id) == attempts
+    if status != "running":
+        return False
+    if token is not None and token == claimant.token:
+        return True  # already ours
+    alive = _alive_here(host) if host else None
+    if lease_until is None:
+        return alive is not True or host == claimant.host  # no lease: only a live local owner can be told
+    return lease_until <= now or alive is False  # an expired or released lease; a dead local owner at once
+
+
+def _alive_here(owner: str) -> bool | None:
+    """For a ``host:pid`` owner: True if that process runs on this host, False if it is gone, None when it belongs to
+    another host (or cannot be read), where nothing can be told."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):  # a pid no process can have
+        return False
+    return True
 
 
 class _Lock:

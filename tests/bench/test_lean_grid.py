@@ -194,3 +194,27 @@ def test_storage_values_sit_under_the_configs_own(tmp_path):
                                                         "train": {"save_last": "end"}}
     assert grid.storage_config(cfg.model_copy(update={"keep": "best"}), cell, tmp_path)["train"] == {
         "save_last": "never"}
+
+
+@pytest.mark.parametrize("keep, left", [("best", []), ("all", ["best.pt", "last.pt"])])
+def test_a_finished_pretraining_keeps_its_product_and_drops_its_checkpoints(tmp_path, monkeypatch, keep, left):
+    import medtransfer.pretext.runner as runner
+
+    def fake_pretrain(cfg, **kw):
+        out = Path(cfg.out)
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for name in ("last.pt", "best.pt", "pretrained.safetensors"):
+            (out / ("" if name.endswith("safetensors") else "checkpoints") / name).write_bytes(b"w")
+        return out
+
+    monkeypatch.setattr(runner, "run_pretrain", fake_pretrain)
+    monkeypatch.setattr(grid, "run_cell", lambda cfg, cell, pretrained, grid_dir, progress=False: {
+        "metric": 0.5, "metrics": {"dice_mean": 0.5}, "steps": 2, "run_dir": None})
+    (tmp_path / "pool").mkdir()
+    config = {"inits": [{"name": "scratch"}, {"name": "gen", "pretrain": {"method": "genesis", "data": {
+        "paths": [str(tmp_path / "pool")]}}}], "tasks": [{"name": "seg"}], "trials": 1, "keep": keep}
+    out = grid.run_benchmark(config, out=tmp_path / "g", progress=False)
+    product = out / "pretrain" / "gen"
+    assert (product / "pretrained.safetensors").is_file()
+    ckpt = product / "checkpoints"
+    assert (sorted(p.name for p in ckpt.iterdir()) if ckpt.exists() else []) == left

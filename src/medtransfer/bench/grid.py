@@ -8,8 +8,8 @@ of its best checkpoint on the task's held-out test split. The grid folder holds:
   interrupted one (``running``) is run again from the start, failed ones only with ``--retry-failed``.
 * ``grid.yaml``: the resolved config; its hash is stored and a store never mixes two grids.
 * ``pretrain/<init>/``: initialisations made by a pretraining method, run once before the first cell that needs
-  them (a finished one is reused; its ``last.pt`` is removed once ``pretrained.safetensors`` is written, except
-  under ``keep: all``).
+  them (a finished one is reused; its ``checkpoints/`` are removed once ``pretrained.safetensors``, which holds
+  its best weights, is written, except under ``keep: all``).
 * ``cache/<task>/<pipeline hash>/``: the task's prepared cases, one cache per preprocessing pipeline, shared by
   every run of the grid (``data.cache_root``) and prepared by the first run that needs it, under a file lock.
 * ``runs/<task>/<init>/f<fraction>/s<seed>/``: the fine-tune run folders (config, split, metrics.jsonl, evaluation)
@@ -114,8 +114,8 @@ def _pretrained(cfg: BenchmarkConfig, init: InitConfig, grid_dir: Path, progress
             echo(f"pretraining {init.name} ({resolved.method}){' (resuming)' if resume else ''} into {out}")
         run_pretrain(resolved, progress=progress, resume=resume, overwrite=not resume)  # the grid owns the folder
         atomic_write(marker, lambda tmp: tmp.write_text(json.dumps({"hash": key, "done": True}) + "\n"))
-        if cfg.keep != "all":  # finished: its product is pretrained.safetensors, last.pt only resumed it
-            (out / "checkpoints" / "last.pt").unlink(missing_ok=True)
+        if cfg.keep != "all":  # its product holds the best weights; the checkpoints only served a resume
+            apply_keep("none", out)
     return str(product)
 
 

@@ -218,3 +218,13 @@ def test_a_finished_pretraining_keeps_its_product_and_drops_its_checkpoints(tmp_
     assert (product / "pretrained.safetensors").is_file()
     ckpt = product / "checkpoints"
     assert (sorted(p.name for p in ckpt.iterdir()) if ckpt.exists() else []) == left
+
+
+def test_the_grid_says_what_it_keeps_and_where_the_cache_is(tmp_path, monkeypatch):
+    monkeypatch.setattr(grid, "run_cell", lambda cfg, cell, pretrained, grid_dir, progress=False: {
+        "metric": 0.5, "metrics": {"dice_mean": 0.5}, "steps": 2, "run_dir": None})
+    lines: list[str] = []
+    grid.run_benchmark({"inits": [{"name": "scratch"}], "tasks": [{"name": "seg"}], "trials": 1}, out=tmp_path,
+                       progress=False, echo=lines.append)
+    assert lines[0] == (f"keep: best (a finished run keeps checkpoints/best.pt, weights only; grid.yaml records it); "
+                        f"prepared cases shared in {tmp_path / 'cache'}")

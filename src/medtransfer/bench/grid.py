@@ -136,6 +136,10 @@ def finetune_config(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Unio
     })
 
 
+_KEPT = {"best": "a finished run keeps checkpoints/best.pt, weights only", "none": "a finished run keeps no weights",
+         "all": "a finished run keeps best.pt and last.pt with its optimiser state"}
+
+
 def storage_config(cfg: BenchmarkConfig, cell: dict[str, Any], grid_dir: Path) -> dict[str, Any]:
     """How a cell's run uses the disk, merged under its fine-tune config (a value the config gives wins): the
     task's shared cache root (``data.cache_root``: one prepared cache per dataset and pipeline for the whole grid),
@@ -253,6 +257,8 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
         text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         atomic_write(grid_dir / "grid.yaml", lambda tmp: tmp.write_text(text))
         store.set_meta("grid_hash", grid_hash(cfg))
+        (echo or log.info)(f"keep: {cfg.keep} ({_KEPT[cfg.keep]}; grid.yaml records it); prepared cases shared "
+                           f"in {grid_dir / 'cache'}")
         store.set_meta("config", cfg.model_dump(mode="json"))
         wanted = set(mine)
         store.ensure(c for c in all_cells if c["run_id"] in wanted)

@@ -228,3 +228,42 @@ def test_the_grid_says_what_it_keeps_and_where_the_cache_is(tmp_path, monkeypatc
                        progress=False, echo=lines.append)
     assert lines[0] == (f"keep: best (a finished run keeps checkpoints/best.pt, weights only; grid.yaml records it); "
                         f"prepared cases shared in {tmp_path / 'cache'}")
+
+
+def test_the_prepare_lock_lets_one_holder_in_at_a_time(tmp_path):
+    import threading
+    import time
+
+    from medtransfer.train.finetune import _exclusive
+
+    lock, order, inside = tmp_path / "cache" / ".prepare.lock", [], threading.Event()
+
+    def first():
+        with _exclusive(lock):
+            order.append("first in")
+            inside.set()
+            time.sleep(0.3)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    inside.wait()
+    with _exclusive(lock):  # another open file description: flock makes it wait for the first holder
+        order.append("second in")
+    thread.join()
+    assert order == ["first in", "first out", "second in"]
+
+
+def test_a_run_with_a_cache_root_resumes_on_its_shared_cache(tmp_path, data, monkeypatch):
+    from medtransfer.train.finetune import run_finetune
+
+    cfg = {"model": {"name": "genesis_unet3d"}, "out": str(tmp_path / "run"),
+           "data": {"path": str(data), "patch_size": [16, 16, 16], "cache_root": str(tmp_path / "shared")},
+           "train": {"max_steps": 1, "max_epochs": None}}
+    run = run_finetune(cfg, progress=False)
+    cache = Path(json.loads((run / "run.json").read_text())["cache"])
+    assert cache.parent == tmp_path / "shared" and len(cache.name) == 12 and not (run / "cache").exists()
+    counting = _Counting(monkeypatch)
+    run_finetune({**cfg, "train": {"max_steps": 2, "max_epochs": None}}, resume=True, progress=False)
+    assert counting.calls == [cache] and counting.redone[cache] == 0
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()][-1] == 2

@@ -100,9 +100,7 @@ class DataConfig(_Section):
     fold: Optional[int] = Field(None, ge=0)  # k-fold index; None: one hash-ordered train/val split
     workers: int = Field(0, ge=0)
     cache_dir: Optional[Path] = None  # preprocessed-volume cache; None: <cache_root>/<pipeline hash>, else <out>/cache
-    # a folder shared by several runs (a benchmark grid sets <grid>/cache/<task>): each pipeline gets its own
-    # <cache_root>/<12-hex hash of the pipeline> inside it, prepared once under a file lock; cache_dir wins
-    cache_root: Optional[Path] = None
+    cache_root: Optional[Path] = None  # shared by runs (a grid: <grid>/cache/<task>), one cache per pipeline in it
 
     @field_validator("preset")
     @classmethod
@@ -209,9 +207,7 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0)
     deterministic: bool = False
     freeze_encoder_steps: int = Field(0, ge=-1)
-    # when checkpoints/last.pt (weights, optimiser, schedule, generators: what --resume needs) is written:
-    # every_validation (and at each epoch's end and the run's end), end (once, when the run ends), never (no resume;
-    # benchmark grids, which redo an interrupted run from its start). best.pt is written on every improvement anyway.
+    # when last.pt (what --resume needs) is written: every_validation (and epoch and run ends), end, never (grids)
     save_last: Literal["every_validation", "end", "never"] = "every_validation"
 
     @model_validator(mode="after")

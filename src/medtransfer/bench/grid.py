@@ -8,9 +8,20 @@ of its best checkpoint on the task's held-out test split. The grid folder holds:
   interrupted one (``running``) is run again from the start, failed ones only with ``--retry-failed``.
 * ``grid.yaml``: the resolved config; its hash is stored and a store never mixes two grids.
 * ``pretrain/<init>/``: initialisations made by a pretraining method, run once before the first cell that needs
-  them (a finished one is reused).
-* ``runs/<task>/<init>/f<fraction>/s<seed>/``: the fine-tune run folders (config, split, metrics.jsonl, evaluation).
+  them (a finished one is reused; its ``checkpoints/`` are removed once ``pretrained.safetensors``, which holds
+  its best weights, is written, except under ``keep: all``).
+* ``cache/<task>/<pipeline hash>/``: the task's prepared cases, one cache per preprocessing pipeline, shared by
+  every run of the grid (``data.cache_root``) and prepared by the first run that needs it, under a file lock.
+* ``runs/<task>/<init>/f<fraction>/s<seed>/``: the fine-tune run folders (config, split, metrics.jsonl, evaluation)
+  with what ``keep`` leaves of their checkpoints once the run is recorded ``done``: ``best`` (the default)
+  ``checkpoints/best.pt`` (weights, step and metric, no optimiser state), ``none`` no weights, ``all`` ``best.pt``
+  and ``last.pt``. A run never writes ``last.pt`` before its end inside a grid (``train.save_last: never``, or
+  ``end`` under ``keep: all``): an interrupted run is run again from its start, so ``last.pt`` would only cost
+  writes; ``best.pt`` is written at each validation that improved.
 * ``report.md`` / ``report.html`` (:mod:`.report`).
+
+The config models live in :mod:`.config`, the lease heartbeat and the pretraining lock in :mod:`.leases`; their
+names are importable from here too.
 
 Design choices that make the comparison fair: every initialisation of a trial sees the same split (the trial seed
 seeds the split: test cases held out first, then validation, then the nested label-fraction subsets), so paired
@@ -29,134 +40,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import socket
 import sqlite3
-import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import MedTransferError
-from ..train.config import _Section, config_data, format_validation_error
 from ..train.recipes import merge
-from .store import HEARTBEAT_SECONDS, LEASE_SECONDS, Claimant, _alive_here
+# the config, its cells and the leases live in their own modules; their names stay importable from here
+from .config import (  # noqa: F401
+    BenchmarkConfig,
+    InitConfig,
+    NetworkConfig,
+    TaskConfig,
+    cells,
+    grid_hash,
+    load_benchmark_config,
+    run_id,
+)
+from .leases import _Heartbeat, _Lock, _owner_dead  # noqa: F401
+from .store import HEARTBEAT_SECONDS, LEASE_SECONDS, Claimant
 
 log = logging.getLogger(__name__)
-
-
-class NetworkConfig(_Section):
-    name: str = "genesis_unet3d"
-    arch: dict[str, Any] = Field(default_factory=dict)
-
-
-class InitConfig(_Section):
-    """One initialisation: ``scratch`` (no weights), a weight file or ``true`` (the model's published weights), or a
-    pretraining run (a ``medtransfer pretrain`` config without model/out: method, data, options, optim, train...)."""
-
-    name: str
-    weights: Union[bool, str, None] = None
-    pretrain: Optional[dict[str, Any]] = None
-    model: Optional[NetworkConfig] = None  # None: the grid's model
-    finetune: dict[str, Any] = Field(default_factory=dict)  # extra fine-tune values for this init (e.g. optim.lr)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> InitConfig:
-        if self.weights not in (None, False) and self.pretrain is not None:
-            raise ValueError(f"init {self.name!r}: give weights or pretrain, not both")
-        return self
-
-
-class TaskConfig(_Section):
-    """A target task: a labelled dataset (None: the embedded phantoms), its task type and the primary metric."""
-
-    name: str
-    data: Optional[Path] = None
-    format: str = "auto"
-    task: Literal["segmentation", "classification", "multilabel"] = "segmentation"
-    metric: Optional[str] = None  # None: dice_mean (segmentation), accuracy (classification), auc_mean (multilabel)
-    higher_is_better: bool = True
-    finetune: dict[str, Any] = Field(default_factory=dict)  # fine-tune values for this task
-
-
-class BenchmarkConfig(_Section):
-    name: str = "benchmark"
-    model: NetworkConfig = Field(default_factory=NetworkConfig)
-    inits: list[InitConfig]
-    tasks: list[TaskConfig]
-    fractions: list[float] = Field(default_factory=lambda: [1.0])
-    trials: int = Field(3, gt=0)  # seeds 0..trials-1
-    baseline: str = "scratch"
-    test_fraction: float = Field(0.25, gt=0, lt=1)
-    finetune: dict[str, Any] = Field(default_factory=dict)  # fine-tune values for every run (train.max_steps...)
-    out: Path = Path("runs/benchmark")
-
-    @field_validator("fractions")
-    @classmethod
-    def _fractions(cls, value: list[float]) -> list[float]:
-        if not value or any(not 0 < f <= 1 for f in value):
-            raise ValueError(f"label fractions must be in (0, 1], got {value}")
-        return sorted(set(value))
-
-    @model_validator(mode="after")
-    def _names(self) -> BenchmarkConfig:
-        for what, names in (("inits", [i.name for i in self.inits]), ("tasks", [t.name for t in self.tasks])):
-            if not names:
-                raise ValueError(f"{what}: at least one is needed")
-            dup = sorted({n for n in names if names.count(n) > 1})
-            if dup:
-                raise ValueError(f"{what}: names must be unique, repeated: {dup}")
-            bad = [n for n in names if not n.replace("_", "").replace("-", "").isalnum()]
-            if bad:
-                raise ValueError(f"{what}: names may hold letters, digits, '_' and '-' only: {bad}")
-        if self.baseline not in [i.name for i in self.inits]:
-            raise ValueError(f"baseline {self.baseline!r} is not among the inits {[i.name for i in self.inits]}")
-        return self
-
-
-def load_benchmark_config(source: str | Path | dict | BenchmarkConfig, overrides=()) -> BenchmarkConfig:
-    """A YAML file or a mapping plus ``key=value`` overrides -> a validated config; errors name the field."""
-    if isinstance(source, BenchmarkConfig) and not overrides:
-        return source
-    data = config_data(source, BenchmarkConfig, overrides)
-    try:
-        return BenchmarkConfig.model_validate(data)
-    except ValidationError as exc:
-        raise MedTransferError(format_validation_error(exc, BenchmarkConfig)) from None
-
-
-def grid_hash(cfg: BenchmarkConfig) -> str:
-    """What identifies a grid: everything that changes what a cell's run means. Not where it is written, and not
-    ``trials`` or ``fractions``: adding seeds or fractions extends the same grid (the store checks that every
-    existing cell keeps its fields)."""
-    data = cfg.model_dump(mode="json")
-    for key in ("out", "trials", "fractions"):
-        data.pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_id(task: str, init: str, fraction: float, seed: int) -> str:
-    return f"{task}/{init}/f{fraction:g}/s{seed}"
-
-
-def cells(cfg: BenchmarkConfig) -> list[dict[str, Any]]:
-    """Every run of the grid, trial-major (early results cover every initialisation) with the store's cell fields."""
-    from ..train.metrics import metric_for
-
-    out = []
-    for seed in range(cfg.trials):
-        for fraction in cfg.fractions:
-            for task in cfg.tasks:
-                metric = task.metric or metric_for(task.task)[0]
-                for init in cfg.inits:
-                    out.append({"run_id": run_id(task.name, init.name, fraction, seed), "init": init.name,
-                                "task": task.name, "fraction": fraction, "seed": seed, "metric_name": metric,
-                                "higher_is_better": task.higher_is_better})
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------ running
@@ -206,46 +114,9 @@ def _pretrained(cfg: BenchmarkConfig, init: InitConfig, grid_dir: Path, progress
             echo(f"pretraining {init.name} ({resolved.method}){' (resuming)' if resume else ''} into {out}")
         run_pretrain(resolved, progress=progress, resume=resume, overwrite=not resume)  # the grid owns the folder
         atomic_write(marker, lambda tmp: tmp.write_text(json.dumps({"hash": key, "done": True}) + "\n"))
+        if cfg.keep != "all":  # its product holds the best weights; the checkpoints only served a resume
+            apply_keep("none", out)
     return str(product)
-
-
-class _Lock:
-    """An exclusive lock file (``O_EXCL``) naming its owner; another process waits until ``wait_for()`` holds or
-    the lock goes away. A lock left by a dead process on this host is taken over."""
-
-    def __init__(self, path: Path, wait_for: Callable[[], bool], poll: float = 5.0) -> None:
-        self.path, self.wait_for, self.poll, self.held = path, wait_for, poll, False
-
-    def __enter__(self) -> _Lock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = f"{socket.gethostname()}:{os.getpid()}"
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if self.wait_for():
-                    return self
-                if _owner_dead(self.path):
-                    self.path.unlink(missing_ok=True)
-                    continue
-                time.sleep(self.poll)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
-            return self
-
-    def __exit__(self, *exc) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-
-
-def _owner_dead(path: Path) -> bool:
-    """True when the lock's owner is a process of this host that no longer runs."""
-    try:
-        return _alive_here(path.read_text()) is False
-    except OSError:
-        return False
 
 
 def finetune_config(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Union[bool, str],
@@ -265,6 +136,32 @@ def finetune_config(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Unio
     })
 
 
+_KEPT = {"best": "a finished run keeps checkpoints/best.pt, weights only", "none": "a finished run keeps no weights",
+         "all": "a finished run keeps best.pt and last.pt with its optimiser state"}
+
+
+def storage_config(cfg: BenchmarkConfig, cell: dict[str, Any], grid_dir: Path) -> dict[str, Any]:
+    """How a cell's run uses the disk, merged under its fine-tune config (a value the config gives wins): the
+    task's shared cache root (``data.cache_root``: one prepared cache per dataset and pipeline for the whole grid),
+    and ``train.save_last``: ``never`` (a cell interrupted is run again from its start, so ``last.pt`` would only
+    be written and removed), ``end`` under ``keep: all``. None of it changes a run's result."""
+    return {"data": {"cache_root": str(grid_dir / "cache" / cell["task"])},
+            "train": {"save_last": "end" if cfg.keep == "all" else "never"}}
+
+
+def apply_keep(keep: str, run_dir: Union[str, Path, None]) -> None:
+    """Thin out a finished run's checkpoints as ``keep`` says; called only once the run is recorded ``done``, so
+    that a run killed before that is redone with all its files. ``best``: ``last.pt`` goes; ``none``: ``best.pt``
+    too; ``all``: nothing goes."""
+    if keep == "all" or run_dir is None:
+        return
+    ckpt = Path(run_dir) / "checkpoints"
+    for name in ("last.pt",) if keep == "best" else ("last.pt", "best.pt"):
+        (ckpt / name).unlink(missing_ok=True)
+    if keep == "none" and ckpt.is_dir() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
+
+
 def _last_step(run_dir: Path) -> Optional[int]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -281,7 +178,7 @@ def run_cell(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Union[bool,
 
     from ..train.finetune import evaluate, run_finetune
 
-    ft = finetune_config(cfg, cell, pretrained, grid_dir)
+    ft = merge(storage_config(cfg, cell, grid_dir), finetune_config(cfg, cell, pretrained, grid_dir))
     run_dir = run_finetune(ft, progress=progress, overwrite=True)  # a cell redone replaces its own earlier try
     summary = json.loads((evaluate(run_dir, split="test") / "summary.json").read_text())
     metrics = {k: float(v) for k, v in summary["metrics"].items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -360,6 +257,8 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
         text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         atomic_write(grid_dir / "grid.yaml", lambda tmp: tmp.write_text(text))
         store.set_meta("grid_hash", grid_hash(cfg))
+        (echo or log.info)(f"keep: {cfg.keep} ({_KEPT[cfg.keep]}; grid.yaml records it); prepared cases shared "
+                           f"in {grid_dir / 'cache'}")
         store.set_meta("config", cfg.model_dump(mode="json"))
         wanted = set(mine)
         store.ensure(c for c in all_cells if c["run_id"] in wanted)
@@ -410,6 +309,7 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
                         store.mark_failed(rid, error=detail, duration=time.perf_counter() - t0, claimant=claimant)
                     else:
                         store.mark_done(rid, duration=time.perf_counter() - t0, claimant=claimant, **result)
+                        apply_keep(cfg.keep, result.get("run_dir"))
                         if on_result is not None:
                             on_result({**cell, **result})
                 except LeaseLost as lost:  # this process stalled past its lease; the other attempt's result counts
@@ -433,46 +333,6 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path | dict, *, out: Optional[Pat
             (echo or log.info)(f"{finished} run(s) were run by other processes sharing {store.path}"
                                + (f"; {len(busy)} still being run by them, e.g. {busy[0]}" if busy else ""))
     return grid_dir
-
-
-class _Heartbeat:
-    """Renews the lease of the run this process holds, every ``every`` seconds, from a daemon thread with its own
-    store connection (SQLite connections stay in their thread). A process that dies stops renewing, so its lease
-    expires and another process may take the run over."""
-
-    def __init__(self, path: Path, claimant: Claimant, every: float) -> None:
-        self.path, self.claimant, self.every = path, claimant, every
-        self.held: Optional[str] = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="medtransfer-lease", daemon=True)
-        self._thread.start()
-
-    def hold(self, run_id: Optional[str]) -> None:
-        self.held = run_id
-
-    def _run(self) -> None:
-        from .store import ResultStore
-
-        store: Optional[ResultStore] = None
-        try:
-            while not self._stop.wait(self.every):
-                rid = self.held
-                if rid is None:
-                    continue
-                try:
-                    store = store or ResultStore(self.path)
-                    if not store.renew(rid, self.claimant):
-                        log.warning("the lease on run %s could not be renewed: another process took it over", rid)
-                        self.held = None
-                except (sqlite3.Error, MedTransferError) as exc:  # a busy or flaky file system: try next beat
-                    log.warning("renewing the lease on run %s failed (%s); retrying in %g s", rid, exc, self.every)
-        finally:
-            if store is not None:
-                store.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class _Bar:

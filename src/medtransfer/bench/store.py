@@ -20,27 +20,29 @@ higher_is_better, metric, metrics, steps, duration, run_dir, error, attempts, sh
 that the statistics and report code need nothing from this module but :meth:`ResultStore.rows`. ``preset`` is the
 intensity preset the run prepared its data with (from its ``contract.json``), None when unknown.
 
-Schema versions: 1 had no ``preset`` column; opening a version-1 store adds it (NULL for the old rows) and records
-version 2, so every older store stays readable.
+Schema versions and the migration of older stores: :mod:`.store_schema`; claimants, leases and when a running row
+is free: :mod:`.leases` (their names are importable from here too).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import secrets
-import socket
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medtransfer.errors import MedTransferError
+
+from . import store_schema as _schema
+# the leases live in .leases; their names stay importable from here
+from .leases import HEARTBEAT_SECONDS, LEASE_SECONDS, Claimant, _alive_here, _free  # noqa: F401
+from .store_schema import COLUMNS as _COLUMNS
+from .store_schema import SCHEMA_VERSION as _SCHEMA_VERSION
 
 __all__ = ["StoreError", "LeaseLost", "Claimant", "ResultStore", "shard_of", "STATUSES", "LEASE_SECONDS",
            "HEARTBEAT_SECONDS"]
@@ -50,47 +52,6 @@ STATUSES = ("pending", "running", "done", "failed")
 _MERGE_RANK = {"pending": 0, "running": 1, "failed": 2, "done": 3}
 # The fields that name a grid cell; two rows with one run id must agree on them or the grids differ.
 _IDENTITY = ("init", "task", "fraction", "seed", "metric_name", "higher_is_better")
-_COLUMNS = (
-    "run_id", "init", "task", "fraction", "seed", "status", "metric_name", "higher_is_better", "metric", "metrics",
-    "steps", "duration", "run_dir", "error", "attempts", "shard", "host", "updated", "preset", "token", "lease_until",
-)  # fmt: skip
-_SCHEMA_VERSION = 3
-# version -> the columns it added (nullable, so old rows read as unknown)
-_ADDED = {2: (("preset", "TEXT"),), 3: (("token", "TEXT"), ("lease_until", "REAL"))}
-# How long a claim holds a running row without renewal, and how often its owner renews it. The lease must outlast
-# the longest pause of a live owner (a loaded file system, a laptop lid shut for less than that); a dead owner on
-# another host blocks its run for at most this long. Clocks of the hosts sharing a store must agree to well within
-# LEASE_SECONDS (NTP does).
-LEASE_SECONDS = 300.0
-HEARTBEAT_SECONDS = 30.0
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    init TEXT NOT NULL,
-    task TEXT NOT NULL,
-    fraction REAL NOT NULL,
-    seed INTEGER NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
-    metric_name TEXT NOT NULL,
-    higher_is_better INTEGER NOT NULL,
-    metric REAL,
-    metrics TEXT NOT NULL DEFAULT '{}',
-    steps INTEGER,
-    duration REAL,
-    run_dir TEXT,
-    error TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    shard TEXT,
-    host TEXT,
-    updated REAL NOT NULL,
-    preset TEXT,
-    token TEXT,
-    lease_until REAL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-
-
 class StoreError(MedTransferError):
     """A results store that cannot be used: unreadable, not a store, or at odds with the grid or another store."""
 
@@ -98,20 +59,6 @@ class StoreError(MedTransferError):
 class LeaseLost(StoreError):
     """The run was taken over by another process after this one's lease expired; this attempt's result is not
     recorded (the other attempt's is)."""
-
-
-@dataclass(frozen=True)
-class Claimant:
-    """Who claims runs: ``host`` (``hostname:pid``), a random ``token`` told apart from any other claim (also from an
-    earlier grid of the same pid), and the ``lease`` in seconds each claim or renewal holds the row for."""
-
-    host: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    token: str = field(default_factory=lambda: secrets.token_hex(8))
-    lease: float = LEASE_SECONDS
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.lease, (int, float)) and math.isfinite(self.lease) and self.lease > 0):
-            raise ValueError(f"lease {self.lease!r}: a lease is a positive number of seconds, e.g. {LEASE_SECONDS:g}")
 
 
 class ResultStore:
@@ -150,36 +97,17 @@ class ResultStore:
         if tables and "runs" not in tables:
             raise StoreError(f"{self.path} is an SQLite file of something else (tables {sorted(tables)}), not a "
                              f"results store; pass a new path or the store written by `medtransfer benchmark`")
-        with self._write():
-            for statement in _SCHEMA.split(";"):  # not executescript: it would commit our open transaction
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_schema', ?)", (json.dumps(_SCHEMA_VERSION),))
-        self._migrate()
+        with self._write() as conn:
+            _schema.create(conn)
+        if _schema.migratable(self.get_meta("store_schema")):
+            with self._write() as conn:
+                _schema.migrate(conn)
         columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(runs)"))
         version = self.get_meta("store_schema")
         if set(columns) != set(_COLUMNS) or version != _SCHEMA_VERSION:
             raise StoreError(f"results store {self.path} has schema {version!r} with columns {columns}; this "
                              f"medtransfer reads schema {_SCHEMA_VERSION}. Use the medtransfer version that wrote "
                              f"it, or start a new store")
-
-    def _migrate(self) -> None:
-        """Bring an older store to :data:`_SCHEMA_VERSION`, one added column per version, in one transaction."""
-        if not self._migratable():
-            return
-        with self._write() as conn:
-            version = self.get_meta("store_schema")  # again under the lock: another process may have migrated it
-            if not self._migratable():
-                return
-            for step in range(version + 1, _SCHEMA_VERSION + 1):
-                for column, kind in _ADDED[step]:
-                    if column not in {r[1] for r in conn.execute("PRAGMA table_info(runs)")}:
-                        conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'store_schema'", (json.dumps(_SCHEMA_VERSION),))
-
-    def _migratable(self) -> bool:
-        version = self.get_meta("store_schema")
-        return isinstance(version, int) and 1 <= version < _SCHEMA_VERSION
 
     @property
     def _connection(self) -> sqlite3.Connection:
@@ -472,40 +400,6 @@ def shard_of(run_ids: Sequence[str], shard: str) -> list[str]:
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
-def _free(run_id: str, status: str, attempts: int, host: str | None, token: str | None, lease_until: float | None, *,
-          claimant: Claimant, retry: Mapping[str, int] | None, now: float) -> bool:
-    """Whether ``claimant`` may start the run of a row in this state (see :meth:`ResultStore.claim_next`)."""
-    if status == "pending":
-        return True
-    if status == "failed":
-        return retry is not None and retry.get(run_id) == attempts
-    if status != "running":
-        return False
-    if token is not None and token == claimant.token:
-        return True  # already ours
-    alive = _alive_here(host) if host else None
-    if lease_until is None:
-        return alive is not True or host == claimant.host  # no lease: only a live local owner can be told
-    return lease_until <= now or alive is False  # an expired or released lease; a dead local owner at once
-
-
-def _alive_here(owner: str) -> bool | None:
-    """For a ``host:pid`` owner: True if that process runs on this host, False if it is gone, None when it belongs to
-    another host (or cannot be read), where nothing can be told."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, OSError):  # a pid no process can have
-        return False
-    return True
-
-
 def _cell_values(cell: dict) -> dict:
     missing = [k for k in ("run_id", *_IDENTITY) if k not in cell]
     if missing:

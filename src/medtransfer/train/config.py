@@ -99,7 +99,8 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.0, ge=0, lt=1)  # held out first, never trained or validated on (benchmarks)
     fold: Optional[int] = Field(None, ge=0)  # k-fold index; None: one hash-ordered train/val split
     workers: int = Field(0, ge=0)
-    cache_dir: Optional[Path] = None  # preprocessed-volume cache; None: no cache
+    cache_dir: Optional[Path] = None  # preprocessed-volume cache; None: <cache_root>/<pipeline hash>, else <out>/cache
+    cache_root: Optional[Path] = None  # shared by runs (a grid: <grid>/cache/<task>), one cache per pipeline in it
 
     @field_validator("preset")
     @classmethod
@@ -206,6 +207,8 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0)
     deterministic: bool = False
     freeze_encoder_steps: int = Field(0, ge=-1)
+    # when last.pt (what --resume needs) is written: every_validation (and epoch and run ends), end, never (grids)
+    save_last: Literal["every_validation", "end", "never"] = "every_validation"
 
     @model_validator(mode="after")
     def _has_limit(self) -> TrainConfig:
@@ -455,10 +458,10 @@ def config_data(source: Any, root: type[BaseModel], overrides: Iterable[str] = (
 
 # ---------------------------------------------------------------------------------------------------- resume
 
-# What a resumed run may change: how long it goes on and how many loader processes feed it (the data order derives
-# from (seed, epoch) alone). Anything else would either not be honoured (the optimiser, schedule and weights come
-# from last.pt) or would make the run's files describe a run that did not happen.
-RESUME_MAY_CHANGE = ("train.max_steps", "train.max_epochs", "data.workers")
+# What a resumed run may change: how long it goes on, how many loader processes feed it (the data order derives
+# from (seed, epoch) alone) and how often last.pt is written. Anything else would either not be honoured (the
+# optimiser, schedule and weights come from last.pt) or would make the run's files describe a run that did not happen.
+RESUME_MAY_CHANGE = ("train.max_steps", "train.max_epochs", "data.workers", "train.save_last")
 _LENGTH = ("train.max_steps", "train.max_epochs")
 
 

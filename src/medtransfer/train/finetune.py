@@ -10,7 +10,8 @@ Defaults chosen here:
 
 * no ``data.path``: :data:`PHANTOM_DEFAULTS` (8 embedded phantoms of 32^3 voxels at 5 mm, seed 0, i.e. the 64^3 at
   2.5 mm thorax of ``data/phantoms.py`` at half resolution) are written to ``<out>/phantoms``;
-* preprocessed cases go to ``data.cache_dir`` or ``<out>/cache``;
+* preprocessed cases go to ``data.cache_dir``, else ``<data.cache_root>/<pipeline hash>`` (shared by runs, prepared
+  under a file lock), else ``<out>/cache``;
 * intensity preset (:func:`resolve_contract`): ``data.preset``; else the contract of the weights actually loaded
   (``PretrainedCfg.preset``, else :data:`CONTRACT_PRESETS` by checkpoint format) when their modality matches the
   data's (a mismatch is a loud warning and a line in ``contract.json``); else the modality default of
@@ -29,6 +30,7 @@ Defaults chosen here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -287,6 +289,37 @@ def _loss_name(cfg: FinetuneConfig, multilabel: bool) -> str:
     return "bce" if multilabel else "ce"
 
 
+def _cache_dir(cfg: FinetuneConfig, out: Path, pipeline) -> Path:
+    """``data.cache_dir``; else ``<data.cache_root>/<hash of the pipeline>``, so that runs sharing a root share a
+    cache only when they prepare alike (two intensity presets never overwrite each other); else ``<out>/cache``."""
+    import hashlib
+
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir)
+    if cfg.data.cache_root:
+        text = json.dumps(pipeline.to_dict(), sort_keys=True)
+        return Path(cfg.data.cache_root) / hashlib.sha256(text.encode()).hexdigest()[:12]
+    return out / "cache"
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive ``flock`` on ``lock`` (created if absent); the kernel drops it when the process dies, so a
+    killed run never blocks the next one. Without ``fcntl`` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _train_sampler(n: int, seed: int):
     """The loop's epoch-seeded sampler: the order derives from (seed, epoch) only (interface of loop.py)."""
     from .loop import EpochShuffleSampler
@@ -391,13 +424,15 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
         split = make_split([c.case_id for c in dataset.cases], val=cfg.data.val_fraction,
                            test=cfg.data.test_fraction, k=5 if cfg.data.fold is not None else None,
                            fold=cfg.data.fold, fraction=cfg.data.label_fraction, seed=seed, targets=targets)
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
-    if main and overwrite:
-        clear_run(out, keep=Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
-
     pipeline = build_pipeline(preset=contract["preset"], spacing=contract["spacing"])
+    cache_dir = _cache_dir(cfg, out, pipeline)
+    if main and overwrite:
+        shared = cfg.data.cache_dir or cfg.data.cache_root
+        clear_run(out, keep=Path(shared) if shared else None)
+
     cache = PreparedCache(cache_dir)
-    cache.prepare(dataset, pipeline, workers=max(1, cfg.data.workers), progress=progress and main)
+    with _exclusive(cache_dir / ".prepare.lock"):  # runs sharing a cache (a grid's processes) prepare it in turn
+        cache.prepare(dataset, pipeline, workers=max(1, cfg.data.workers), progress=progress and main)
     if world > 1 and main:
         barrier()
 

@@ -4,26 +4,29 @@ Per micro-batch: forward (under autocast when ``train.amp`` asks for it on CUDA)
 (through a GradScaler for fp16); every ``accum_steps`` micro-batches (and at the end of an epoch with a remainder):
 unscale, clip the global gradient norm (``train.grad_clip``), ``optimizer.step()``, ``schedule.step_batch()``.
 Validation every ``val_every`` epochs or steps (``val_interval``) gives the val loss and the task metrics;
-``best.pt`` is written when ``monitor`` improves, ``last.pt`` at every validation and at the end, both atomically
-and on rank 0 only. ``resume=True`` restores every counter and random generator from ``last.pt`` and, mid-epoch,
-replays the epoch's data order up to the batches already done, so a resumed run ends with the same weights, bit for
-bit, as an uninterrupted one under deterministic settings.
+``best.pt`` (weights, step and metric only) is written when ``monitor`` improves; ``last.pt`` (everything a resume
+needs) as ``train.save_last`` says: at every validation, epoch end and the run's end (the default), at the end only,
+or never; both atomically and on rank 0 only. ``resume=True`` restores every counter and random generator from
+``last.pt`` and, mid-epoch, replays the epoch's data order up to the batches already done, so a resumed run ends with
+the same weights, bit for bit, as an uninterrupted one under deterministic settings.
 
 Data order comes from the loader's sampler: the loop calls ``sampler.set_epoch(epoch)`` (and the batch sampler's)
 when it has one; :class:`~medtransfer.train.distributed.EpochShuffleSampler` derives the order from (seed, epoch).
+
+Where the parts live: this module holds the run's state (fresh or resumed), validation, the checkpoint policy and
+the epoch ends (:class:`_Run`) and :func:`fit`; the micro-batch, optimiser-step and epoch-iterator steps are in
+:mod:`.steps`, ``metrics.jsonl`` and TensorBoard in :mod:`.runlog`, the progress display in :mod:`.progress`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import random
@@ -37,7 +40,6 @@ from .checkpoint import (
     remove_stale_temps,
     rng_state,
     save_run_checkpoint,
-    set_rng_state,
     unwrap_model,
 )
 from .config import TrainConfig
@@ -50,6 +52,8 @@ from .distributed import (
 )
 from .optim import encoder_trainable_at, set_encoder_trainable
 from .progress import _Progress  # noqa: F401  (tests patch loop._Progress)
+from .runlog import _append_jsonl, _TensorBoard, _truncate_metrics
+from .steps import _forward_kwargs, _set_epoch, _Steps  # noqa: F401
 
 __all__ = ["FitResult", "fit", "EpochShuffleSampler", "init_distributed", "is_main_process"]
 
@@ -106,24 +110,6 @@ def _len_or_none(obj: Any) -> Optional[int]:
         return None
 
 
-def _set_epoch(loader: Any, epoch: int) -> None:
-    """Tell the loader's epoch-seeded parts the epoch: a loader of its own making (``MultiDatasetLoader``) through
-    its ``set_epoch``, a DataLoader through its sampler and batch sampler."""
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
-        return
-    for attr in ("sampler", "batch_sampler"):
-        sampler = getattr(loader, attr, None)
-        if sampler is not None and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-
-
-def _forward_kwargs(batch: dict) -> dict[str, Any]:
-    """Extra model arguments a batch carries: ``head`` selects a dataset's decoder in multi-dataset training."""
-    head = batch.get("head")
-    return {} if head is None else {"head": int(head)}
-
-
 def _better(value: float, best: Optional[float], mode: str) -> bool:
     if value is None or math.isnan(value):
         return False
@@ -132,72 +118,11 @@ def _better(value: float, best: Optional[float], mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-class _TensorBoard:
-    """Scalars to TensorBoard when ``torch.utils.tensorboard`` imports; silently nothing otherwise."""
-
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.writer = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except Exception:  # tensorboard not installed: optional
-                self.writer = None
-
-    def log(self, record: dict[str, Any]) -> None:
-        if self.writer is None:
-            return
-        step = record["step"]
-        for key, value in record.items():
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    if isinstance(v, (int, float)):
-                        self.writer.add_scalar(f"{key}/{k}", v, step)
-            elif isinstance(value, (int, float)) and key not in ("step",):
-                self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None  # JSON has no NaN/inf
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        return v
-
-    with path.open("a") as fh:
-        fh.write(json.dumps(clean(record)) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records up to ``step`` (the checkpoint resumed from), so that the steps logged after it by the
-    interrupted process, which the resumed one runs again, are not logged twice; a half-written last line goes too."""
-    from ..weights.io import atomic_write
-
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break  # a kill mid-append: this line and anything after it is not a record
-        if int(record["step"]) > step:
-            break
-        kept.append(line + "\n")
-    atomic_write(path, lambda tmp: tmp.write_text("".join(kept)))
-
-
 # ----------------------------------------------------------------------------------------------------- the loop
 
 
-class _Run:
-    """One call of :func:`fit`: the run's counters and its named steps. The order of the steps is the order of the
+class _Run(_Steps):
+    """One call of :func:`fit`: the run's counters and its named steps (the training ones from :class:`._Steps`). The order of the steps is the order of the
     random draws, which the bit-identical resume depends on: setup, :meth:`restore`, :meth:`wrap`, then per epoch
     :meth:`start_epoch` and :meth:`train_epoch` (micro-batches, :meth:`optimizer_step`, validation) and
     :meth:`end_epoch`."""
@@ -301,34 +226,6 @@ class _Run:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    # ------------------------------------------------------------------ small helpers
-
-    def rank_rng(self, state: dict, key: str) -> Optional[dict]:
-        per_rank = state.get(f"{key}_ranks")
-        if per_rank and len(per_rank) == self.world:
-            return per_rank[self.rank]
-        return state.get(key)
-
-    def set_train_mode(self) -> None:
-        self.train_model.train()
-        if not self.trainable:
-            for m in self.encoder_norms:  # a frozen encoder keeps its batch statistics (linear probe)
-                m.eval()
-
-    def to_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.is_floating_point() and x.ndim in (4, 5):
-            x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
-        return x
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
-
-    def lrs(self) -> dict[str, float]:
-        return {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}
-
     # ------------------------------------------------------------------ validation and checkpoints
 
     def validate(self) -> dict[str, float]:
@@ -355,7 +252,12 @@ class _Run:
         self.set_train_mode()
         return out
 
-    def save_last(self) -> None:
+    def save_last(self, final: bool = False) -> None:
+        """``last.pt`` as ``train.save_last`` says: at every call (``every_validation``), at the run's end only
+        (``end``: ``final``), or never."""
+        policy = self.cfg.save_last
+        if policy == "never" or (policy == "end" and not final):
+            return  # the same on every rank, so the gathers below stay collective
         rng = all_gather_object(rng_state())  # every rank's generators, so each resumes its own stream
         erng = all_gather_object(self.epoch_rng)
         if not self.main:
@@ -406,114 +308,7 @@ class _Run:
         self.bar.validation(val, self.best_metric, self.best_step)
         return value
 
-    # ------------------------------------------------------------------ training
-
-    def optimizer_step(self, micro_batches: int) -> None:
-        """Unscale, clip, step the optimiser and the per-batch schedule; unfreeze the encoder when its step comes."""
-        optimizer, scaler = self.optimizer, self.scaler
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], self.cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.schedule.step_batch()
-        self.step += 1
-        self.bar.after_step(self.step, self.epoch, float(np.mean(self.loss_window[-micro_batches:])), self.lrs())
-        now_trainable = encoder_trainable_at(self.step, self.freeze)
-        if self.freeze != 0 and now_trainable != self.trainable:
-            self.trainable = now_trainable
-            set_encoder_trainable(self.base, self.trainable)
-            self.set_train_mode()
-
-    def backward(self, image: torch.Tensor, label: torch.Tensor, batch: dict, sync: bool) -> None:
-        """Forward and backward of one micro-batch (``loss / accum_steps``); DDP syncs gradients only when ``sync``."""
-        train_model, scaler = self.train_model, self.scaler
-        no_sync = train_model.no_sync if (is_distributed() and not sync) else contextlib.nullcontext
-        with no_sync():
-            with self.autocast():
-                logits = train_model(image, **_forward_kwargs(batch))
-            loss = self.loss_fn(logits.float(), label)
-            if not torch.isfinite(loss):
-                raise MedTransferError(f"the training loss became {float(loss)} at step {self.step}; "
-                                       "lower optim.lr or set train.grad_clip")
-            scaled = loss / self.cfg.accum_steps
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        self.loss_window.append(float(loss.detach()))
-
-    def start_epoch(self) -> Iterator[dict]:
-        """The epoch's batch iterator; after a resume mid-epoch, the batches already done are drawn again (with the
-        epoch's saved generators, so the order is the same) and skipped, then the saved generators take over."""
-        _set_epoch(self.train_loader, self.epoch)
-        skip = self.batches_done
-        restore_after: Optional[dict] = None
-        if self.resumed is not None:
-            start_rng = self.rank_rng(self.resumed, "epoch_rng")
-            if skip and start_rng is not None:  # replay the epoch's loader draws, then jump to the saved state
-                set_rng_state(start_rng)
-                self.epoch_rng, restore_after = start_rng, self.rank_rng(self.resumed, "rng")
-            else:
-                set_rng_state(self.rank_rng(self.resumed, "rng"))
-            self.resumed = None
-        if skip == 0 or self.epoch_rng is None:
-            self.epoch_rng = rng_state()  # before iter(): a DataLoader draws its workers' base seed there
-        iterator: Iterator[dict] = iter(self.train_loader)
-        for _ in range(skip):
-            next(iterator)
-        if restore_after is not None:
-            set_rng_state(restore_after)
-        return iterator
-
-    def show_bar(self) -> None:
-        if self.bar.bar is None:
-            return
-        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-        best = "-" if self.best_metric is None else f"{self.best_metric:.4f}"
-        self.bar.update(self.step, f"loss {np.mean(self.loss_window):.4f} | best {self.monitor_name} {best} | "
-                        f"{len(self.loss_window) / elapsed:.1f} it/s | data wait {self.wait_time / elapsed:.0%}")
-
-    def train_epoch(self) -> bool:
-        """Train until the epoch ends or a limit (steps, early stop) is hit; True when every batch was seen."""
-        iterator = self.start_epoch()
-        cfg, n_batches = self.cfg, self.n_batches
-        micro = 0
-        epoch_complete = False
-        while True:
-            t_wait = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                epoch_complete = True
-                break
-            self.wait_time += time.perf_counter() - t_wait
-            image, label = self.to_device(batch["image"]), batch["label"].to(self.device)
-            if self.batch_transform is not None:
-                image, label = self.batch_transform(image, label)
-            micro += 1
-            self.batches_done += 1
-            sync = micro % cfg.accum_steps == 0 or (n_batches is not None and self.batches_done >= n_batches)
-            self.backward(image, label, batch, sync)
-            if not sync:
-                continue
-            self.optimizer_step(micro)
-            micro = 0
-            self.show_bar()
-            if cfg.val_interval == "step" and self.val_loader is not None and self.step % cfg.val_every == 0:
-                val = self.validate()
-                self.schedule.observe(self.after_validation(val))
-                self.write_record(val)
-                self.save_last()
-            if self.stopped_early or self.step >= self.max_steps:
-                epoch_complete = n_batches is not None and self.batches_done >= n_batches
-                break
-        if micro:  # an epoch's remainder of micro-batches still updates the weights
-            self.optimizer_step(micro)
-        return epoch_complete
+    # ------------------------------------------------------------------ epochs
 
     def end_epoch(self) -> None:
         """Validation at the epoch's end (``val_interval: epoch``), the per-epoch schedule, ``last.pt``."""
@@ -538,7 +333,7 @@ class _Run:
             self.end_epoch()
         if self.loss_window:
             self.write_record(None)
-        self.save_last()
+        self.save_last(final=True)
 
     def total_steps(self) -> tuple[Optional[int], bool]:
         """The run's step count when it is known (whichever of max_steps and max_epochs comes first), and whether

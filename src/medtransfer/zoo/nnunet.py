@@ -70,8 +70,12 @@ _TORCH_OPS = {
 }
 
 
-class NNUNetPlansError(MedTransferError):
+class NNUNetPlansError(MedTransferError, ValueError):
     """Plans, configuration or dataset.json that do not describe a network medtransfer can build."""
+
+
+# ``plans`` inferred from a checkpoint that holds none: the build asks for them rather than guessing a topology
+NO_PLANS_IN_FILE = object()
 
 
 def _dna():
@@ -386,8 +390,7 @@ def _infer_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         f"{(plans or {}).get('plans_name', '?')} of {(plans or {}).get('dataset_name', '?')}"
     ]
     if not isinstance(plans, Mapping):
-        notes.append("the file holds no plans (init_args): give them as plans=plans.json, configuration=, "
-                     "dataset_json=dataset.json")
+        out["plans"] = NO_PLANS_IN_FILE
     else:
         try:
             config = resolve_configuration(plans, name) if isinstance(name, str) else None
@@ -435,7 +438,7 @@ _TOTALSEG_ORGANS = PretrainedCfg(
     "plans.json's configuration; without plans the default 3d_fullres PlainConvUNet",
     pretrained=(_TOTALSEG_ORGANS,),
     infer_kwargs=_infer_kwargs,
-    example_size=(32, 32, 32),
+    example_size=(64, 64, 64),  # the default topology pools 5 times; InstanceNorm needs >1 voxel at the bottom
     options=("plans", "configuration", "dataset_json"),
 )
 def nnunet(
@@ -449,6 +452,11 @@ def nnunet(
 ) -> NNUNet:
     """``plans``/``dataset_json``: dicts or JSON paths; ``configuration``: a name in the plans (default
     ``3d_fullres``). A checkpoint passed as ``pretrained=`` supplies all three unless given."""
+    if plans is NO_PLANS_IN_FILE:
+        raise NNUNetPlansError(
+            "this nnU-Net checkpoint holds no plans (no init_args): pass plans='plans.json', "
+            "dataset_json='dataset.json' and configuration= (the files of its nnU-Net results folder)"
+        )
     plans_doc = read_json_arg(plans, "plans")
     ds = read_json_arg(dataset_json, "dataset.json")
     if plans_doc is None:

@@ -302,7 +302,7 @@ def input_contract(plans: Mapping, config: Mapping, dataset_json: Mapping | None
             mean, std = float(p["mean"]), max(float(p["std"]), 1e-8)
             out = ((lo - mean) / std, (hi - mean) / std)
             words.append(
-                f"{label}: CTNormalization, clip to the foreground's [p0.5, p99.5] = [{lo:g}, {hi:g}] then "
+                f"{label}: CTNormalization, clip to the foreground's 0.5 and 99.5 percentiles ({lo:g}, {hi:g}), then "
                 f"(x - {mean:g}) / {std:g}; no medtransfer preset is this, CTWindow(lo={lo:g}, hi={hi:g}, "
                 f"out=({out[0]:.6g}, {out[1]:.6g})) is the same linear map"
             )
@@ -372,6 +372,20 @@ def file_metadata(info: Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
+class _Document(dict):
+    """A plans / dataset.json dict that prints as one short line in reports (``zoo inspect`` lists inferred kwargs)."""
+
+    def __init__(self, data: Mapping, label: str):
+        super().__init__(data)
+        self.label = label
+
+    def __str__(self) -> str:
+        return self.label
+
+    def __deepcopy__(self, memo):
+        return _Document(deepcopy(dict(self), memo), self.label)
+
+
 def _infer_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     info = getattr(state_dict, "nnunet", None)
     if not isinstance(info, Mapping):
@@ -379,11 +393,11 @@ def _infer_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     plans, name, ds = info.get("plans"), info.get("configuration"), info.get("dataset_json")
     out: dict[str, Any] = {}
     if isinstance(plans, Mapping):
-        out["plans"] = plans
+        out["plans"] = _Document(plans, f"<{plans.get('plans_name', 'plans')} of {plans.get('dataset_name', '?')}>")
     if isinstance(name, str):
         out["configuration"] = name
     if isinstance(ds, Mapping):
-        out["dataset_json"] = ds
+        out["dataset_json"] = _Document(ds, f"<dataset.json, {len(ds.get('labels') or {})} labels>")
     notes = [
         f"nnU-Net v2 checkpoint: trainer {info.get('trainer_name') or '?'}, configuration {name or '?'}, fold "
         f"{info.get('fold', '?')}, {info.get('current_epoch', '?')} epochs, plans "

@@ -358,3 +358,21 @@ def test_arch_dicts_are_not_mutated(toy_checkpoint):
     before = copy.deepcopy(plans)
     mt.create_model("nnunet", plans=plans, num_classes=3)
     assert plans == before
+
+
+def test_zoo_inspect_finds_the_nnunet_fit_from_the_files_own_plans(toy_checkpoint):
+    from medtransfer.zoo.tools import inspect_checkpoint
+
+    info = inspect_checkpoint(toy_checkpoint[1])
+    fit = next(f for f in info.fits if f.model == "nnunet")
+    assert info.source == "nnunet" and fit.ok and fit.coverage == 1.0 and fit.file_used == 1.0
+    assert fit.reason == ("plans=<nnUNetPlans of Dataset999_Toy>, configuration=3d_fullres, "
+                          "dataset_json=<dataset.json, 3 labels>")
+    assert info.metadata["in_channels"] == 1 and info.metadata["pretrained_cfg"]["spacing"] == (2.0, 0.8, 0.8)
+
+
+def test_source_nnunet_on_another_layout_is_a_clear_error(tmp_path):
+    path = tmp_path / "plain.pth"
+    torch.save({"conv.weight": torch.zeros(2, 1, 3, 3, 3)}, path)
+    with pytest.raises(MedTransferError, match="plain.pth: the file does not have the layout of a 'nnunet' checkpoint"):
+        mt.create_model("nnunet", pretrained=path, source="nnunet")

@@ -57,7 +57,6 @@ def _convert_nnunet(obj: Any) -> StateDict:
             sd = strip_prefixes(sd, [prefix])
     out = NNUNetStateDict(sd)
     out.nnunet = nnunet_info(obj)
-    out.metadata = {}
     # the zoo module derives the input channels and input contract from the plans; the import stays local so that
     # weights/ needs no model code to read files
     from ..zoo.nnunet import file_metadata

@@ -248,14 +248,12 @@ class NNUNet(ZooModel):
 
     encoder_prefixes = ("encoder.",)
 
-    def __init__(self, net: nn.Module, arch: Mapping, task: str, num_classes: int):
+    def __init__(self, net: nn.Module, task: str, num_classes: int):
         super().__init__()
         self.task = task
-        kwargs = arch["arch_kwargs"]
-        self.spatial_dims = len(kwargs["kernel_sizes"][0]) if isinstance(kwargs["kernel_sizes"][0], (list, tuple)) \
-            else int(str(kwargs["conv_op"])[-2])
+        self.spatial_dims = 3 if net.encoder.conv_op is nn.Conv3d else 2
         self.encoder = net.encoder
-        strides = [s if isinstance(s, (list, tuple)) else [s] * self.spatial_dims for s in kwargs["strides"]]
+        strides = net.encoder.strides  # per stage, one entry per axis
         # nnU-Net pads inputs to a multiple of the total stride per axis; the fine-tuning loop does the same
         self.size_divisor = tuple(math.prod(s[d] for s in strides) for d in range(self.spatial_dims))
         self.network_class = type(net).__name__
@@ -487,6 +485,6 @@ def nnunet(
             log.warning("nnunet: a new %d-class segmentation head; the dataset.json has %d output channels",
                         num_classes, segmentation_heads(ds))
     net = build_network(arch, in_channels, num_classes)
-    model = NNUNet(net, arch, task, num_classes)
+    model = NNUNet(net, task, num_classes)
     model.nnunet_architecture = arch
     return model

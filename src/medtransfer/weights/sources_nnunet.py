@@ -36,7 +36,8 @@ class NNUNetStateDict(dict):
 def is_nnunet_checkpoint(obj: Any) -> bool:
     if not isinstance(obj, Mapping) or not is_tensor_dict(obj.get("network_weights")):
         return False
-    return "init_args" in obj or "trainer_name" in obj or any(k.startswith("encoder.stages.") for k in obj["network_weights"])
+    weights = obj["network_weights"]
+    return "init_args" in obj or "trainer_name" in obj or any(k.startswith("encoder.stages.") for k in weights)
 
 
 def nnunet_info(obj: Mapping) -> dict[str, Any]:

@@ -84,7 +84,8 @@ def _dna():
         from dynamic_network_architectures.building_blocks import residual
     except ImportError:  # pragma: no cover - a declared dependency
         raise MedTransferError(
-            "the nnunet models need the package dynamic_network_architectures: pip install dynamic_network_architectures"
+            "the nnunet models need the package dynamic_network_architectures: "
+            "pip install dynamic_network_architectures"
         ) from None
     return unet, residual
 

@@ -255,7 +255,8 @@ class NNUNet(ZooModel):
         self.spatial_dims = 3 if net.encoder.conv_op is nn.Conv3d else 2
         self.encoder = net.encoder
         strides = net.encoder.strides  # per stage, one entry per axis
-        # nnU-Net pads inputs to a multiple of the total stride per axis; the fine-tuning loop does the same
+        # spatial sizes must be multiples of the total stride per axis, as nnU-Net's patch sizes are
+        # (train.finetune.model_divisor reads this)
         self.size_divisor = tuple(math.prod(s[d] for s in strides) for d in range(self.spatial_dims))
         self.network_class = type(net).__name__
         if task == "segmentation":

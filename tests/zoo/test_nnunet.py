@@ -378,3 +378,21 @@ def test_source_nnunet_on_another_layout_is_a_clear_error(tmp_path):
     torch.save({"conv.weight": torch.zeros(2, 1, 3, 3, 3)}, path)
     with pytest.raises(MedTransferError, match="plain.pth: the file does not have the layout of a 'nnunet' checkpoint"):
         mt.create_model("nnunet", pretrained=path, source="nnunet")
+
+
+def test_a_run_finetuned_from_a_checkpoint_evaluates_with_the_checkpoints_network(tmp_path):
+    """evaluate/predict rebuild the model without the weight file: the plans read from it are kept in run.json."""
+    from medtransfer.data.phantoms import write_phantom_dataset
+    from medtransfer.train.config import validate
+    from medtransfer.train.finetune import evaluate, run_finetune
+
+    data = write_phantom_dataset(tmp_path / "data", 5, 0, shape=(32, 32, 32), spacing=(5.0, 5.0, 5.0))
+    ckpt = _save_checkpoint(tmp_path / "checkpoint_final.pth", _randomise(_reference_plain()), _plans())
+    cfg = validate({"model": {"name": "nnunet", "task": "segmentation", "pretrained": str(ckpt)},
+                    "data": {"path": str(data), "patch_size": [16, 16, 16], "batch_size": 3, "val_fraction": 0.4},
+                    "train": {"max_epochs": 1, "max_steps": 1, "seed": 0}, "optim": {}, "out": str(tmp_path / "run")})
+    run = run_finetune(cfg, progress=False)
+    recorded = json.loads((run / "run.json").read_text())["arch_kwargs"]
+    assert recorded["configuration"] == "3d_fullres" and recorded["plans"]["plans_name"] == "nnUNetPlans"
+    summary = json.loads((evaluate(run, split="val") / "summary.json").read_text())
+    assert summary["cases"] == 2

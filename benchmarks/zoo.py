@@ -23,6 +23,24 @@ SIZE_3D = (32, 64, 64)
 SIZE_2D = (224, 224)
 
 
+def _nnunet_small_plans() -> dict:
+    """Plans of a 5-stage PlainConvUNet (32-320 features, four stride-2 poolings) instead of nnunet's 6-stage,
+    31M-parameter default, whose deepest stage would be 1x2x2 voxels at SIZE_3D."""
+    import copy
+
+    from medtransfer.zoo.nnunet import DEFAULT_ARCHITECTURE
+
+    arch = copy.deepcopy(DEFAULT_ARCHITECTURE)
+    arch["arch_kwargs"].update(n_stages=5, features_per_stage=[32, 64, 128, 256, 320], kernel_sizes=[[3, 3, 3]] * 5,
+                               strides=[[1, 1, 1]] + [[2, 2, 2]] * 4, n_conv_per_stage=[2] * 5,
+                               n_conv_per_stage_decoder=[2] * 4)
+    return {"plans_name": "benchmark", "configurations": {"3d_fullres": {"architecture": arch}}}
+
+
+# architecture options of models that need them at the benchmark size
+BENCH_ARCH = {"nnunet": lambda: {"plans": _nnunet_small_plans(), "configuration": "3d_fullres"}}
+
+
 def run_one(name: str, size: tuple[int, ...], repeats: int, device: str, amp: bool, threads: int) -> dict:
     import resource
 
@@ -33,7 +51,8 @@ def run_one(name: str, size: tuple[int, ...], repeats: int, device: str, amp: bo
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     entry = mt.get_entry(name)
-    model = mt.create_model(name, task="segmentation", num_classes=2).to(device).train()
+    arch = BENCH_ARCH[name]() if name in BENCH_ARCH else {}
+    model = mt.create_model(name, task="segmentation", num_classes=2, **arch).to(device).train()
     x = torch.randn(1, entry.default_in_channels, *size, device=device)
     params = sum(p.numel() for p in model.parameters())
 
@@ -65,6 +84,7 @@ def run_one(name: str, size: tuple[int, ...], repeats: int, device: str, amp: bo
         "model": name,
         "input": [1, entry.default_in_channels, *size],
         "parameters": params,
+        **({"arch": "small plans (benchmarks/zoo.py _nnunet_small_plans)"} if arch else {}),
         "fwd_bwd_median_s": times[len(times) // 2],
         "fwd_bwd_min_s": times[0],
         "repeats": repeats,

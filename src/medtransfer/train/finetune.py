@@ -330,8 +330,12 @@ def _train_sampler(n: int, seed: int):
 def _build_model(run: dict[str, Any], cfg: FinetuneConfig, pretrained: Any):
     from ..zoo.builder import create_model
 
+    # the options the first build read from its weight file (nnU-Net plans, a MedicalNet shortcut), so that a run
+    # rebuilt without that file (evaluate, predict) has the same network; the config's own options win
+    recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in run.get("arch_kwargs", {}).items()}  # JSON
+    arch = {**recorded, **cfg.model.arch}
     return create_model(cfg.model.name, task=cfg.model.task, num_classes=run["num_classes"],
-                        in_channels=cfg.model.in_channels, pretrained=pretrained, **cfg.model.arch)
+                        in_channels=cfg.model.in_channels, pretrained=pretrained, **arch)
 
 
 # --------------------------------------------------------------------------------------------------- fit
@@ -442,6 +446,7 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
            "data_path": str(data_path), "data_format": cfg.data.format}
     torch.manual_seed(seed)
     model = _build_model(run, cfg, _pretrained_value(cfg))
+    run["arch_kwargs"] = dict(model.arch_kwargs)
     run["divisor"] = list(model_divisor(model, dataset.spatial_dims))
     patch = tuple(contract["patch_size"])
     if task == "segmentation" and any(p % d for p, d in zip(patch, run["divisor"])):

@@ -29,7 +29,8 @@ def read_converted(path: str | os.PathLike, source: str = "auto") -> tuple[State
         sd, chosen = convert(raw.obj, source)
     except CheckpointError as exc:
         raise CheckpointError(f"{raw.path}: {exc}") from None
-    return sd, chosen.name, raw.metadata
+    # a converter may attach what the file says besides tensors (an nnU-Net checkpoint's input channels)
+    return sd, chosen.name, {**getattr(sd, "metadata", {}), **raw.metadata}
 
 
 def file_pretrained_cfg(path: str | os.PathLike) -> PretrainedCfg | None:

@@ -10,7 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+try:
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+except ImportError:  # dynamic_network_architectures 0.4 (the pinned release without timm) keeps it here
+    from dynamic_network_architectures.architectures.residual_unet import ResidualEncoderUNet
 from torch import nn
 
 import medtransfer as mt

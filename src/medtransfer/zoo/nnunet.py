@@ -82,6 +82,11 @@ def _dna():
     try:
         from dynamic_network_architectures.architectures import unet
         from dynamic_network_architectures.building_blocks import residual
+
+        if not hasattr(unet, "ResidualEncoderUNet"):  # 0.4 keeps it in residual_unet; 0.4.1+ moved it to unet
+            from dynamic_network_architectures.architectures.residual_unet import ResidualEncoderUNet
+
+            unet.ResidualEncoderUNet = ResidualEncoderUNet
     except ImportError:  # pragma: no cover - a declared dependency
         raise MedTransferError(
             "the nnunet models need the package dynamic_network_architectures: "
@@ -264,7 +269,11 @@ class NNUNet(ZooModel):
         elif task == "classification":
             self.head = ClassificationHead(net.encoder.output_channels[-1], num_classes)
         in_proj = tuple(getattr(net, "keys_to_in_proj", ()))
-        self.first_conv_keys = tuple(k for k in self.state_dict() if k.endswith(".weight") and k[:-7] in in_proj)
+        if in_proj:
+            self.first_conv_keys = tuple(k for k in self.state_dict() if k.endswith(".weight") and k[:-7] in in_proj)
+        else:  # dynamic_network_architectures 0.4 has no keys_to_in_proj: every name of the first convolution's weight
+            first = next(m for m in self.encoder.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+            self.first_conv_keys = tuple(k for k, v in self.state_dict(keep_vars=True).items() if v is first.weight and k.startswith("encoder."))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)[-1]

@@ -25,9 +25,12 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Mapping, Sequence
 
+import contextlib
+
 import monai.networks.nets.swin_unetr as _monai_swin
 import torch
 from monai.networks.nets import SwinUNETR
+from torch.overrides import TorchFunctionMode
 
 from .heads import ClassificationHead
 from .pretrained import PretrainedCfg
@@ -58,6 +61,17 @@ if importlib.util.find_spec("einops") is None:
     _monai_swin.rearrange = permute_like_einops
 
 
+class _HostLinspace(TorchFunctionMode):
+    """MONAI's SwinTransformer reads its drop-path rates with ``linspace(...).item()``, which a meta tensor cannot
+    do; under ``torch.device("meta")`` (zoo list, zoo inspect) that one linspace is made on the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.linspace:
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
 class SwinUNETRModel(SwinUNETR, ZooModel):
     """MONAI ``SwinUNETR`` with ``forward_features``, ``encoder_prefixes`` and ``first_conv_keys``."""
 
@@ -79,18 +93,20 @@ class SwinUNETRModel(SwinUNETR, ZooModel):
         use_checkpoint: bool = False,
     ):
         _check_common(task, num_classes, in_channels)
-        super().__init__(
-            in_channels=in_channels,
-            out_channels=num_classes if task == "segmentation" else 1,
-            feature_size=feature_size,
-            depths=tuple(depths),
-            num_heads=tuple(num_heads),
-            norm_name=norm_name,
-            use_v2=use_v2,
-            dropout_path_rate=dropout_path_rate,
-            use_checkpoint=use_checkpoint,
-            spatial_dims=spatial_dims,
-        )
+        on_meta = torch.empty(()).device.type == "meta"
+        with _HostLinspace() if on_meta else contextlib.nullcontext():
+            super().__init__(
+                in_channels=in_channels,
+                out_channels=num_classes if task == "segmentation" else 1,
+                feature_size=feature_size,
+                depths=tuple(depths),
+                num_heads=tuple(num_heads),
+                norm_name=norm_name,
+                use_v2=use_v2,
+                dropout_path_rate=dropout_path_rate,
+                use_checkpoint=use_checkpoint,
+                spatial_dims=spatial_dims,
+            )
         self.task = task
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -250,7 +266,7 @@ swin_unetr = register_model(
     "swin_unetr",
     family="Swin UNETR",
     description="MONAI SwinUNETR (3D; feature_size 48 = the SSL, BTCV and SuPreM files); features: swinViT stage 4",
-    example_size=(32, 64, 64),  # the deepest map must hold more than one voxel for instance norm
+    example_size=(32, 32, 64),  # the deepest map must hold more than one voxel for instance norm
     options=_OPTIONS,
     infer_kwargs=infer_swin_kwargs,
     pretrained=(SWIN_SSL, SWIN_BTCV, SWIN_SUPREM),

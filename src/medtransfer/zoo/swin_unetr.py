@@ -223,7 +223,7 @@ SWIN_BTCV = PretrainedCfg(
     spacing=(2.0, 1.5, 1.5),  # bundle Spacingd pixdim [1.5, 1.5, 2.0] in (x, y, z)
     patch_size=(96, 96, 96),
     pretraining=("supervised 14-class (background + 13 organs) segmentation on BTCV, MONAI bundle "
-                 "swin_unetr_btcv_segmentation (v0.5.6), starting from the self-supervised encoder"),
+                 "swin_unetr_btcv_segmentation (v0.5.6); its train.json loads no initial weights"),
     license="Apache-2.0 (MONAI model-zoo bundle LICENSE)",
     citation=("A. Hatamizadeh et al., 'Swin UNETR: Swin Transformers for Semantic Segmentation of Brain Tumors in "
               "MRI Images', BrainLes 2021, arXiv:2201.01266; " + _TANG),

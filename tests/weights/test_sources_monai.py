@@ -16,7 +16,7 @@ from medtransfer.errors import CheckpointMismatchError
 from medtransfer.weights.sources import convert
 from medtransfer.zoo.swin_unetr import permute_like_einops
 
-X3 = torch.randn(1, 1, 32, 64, 64, generator=torch.Generator().manual_seed(0))
+X3 = torch.randn(1, 1, 32, 32, 64, generator=torch.Generator().manual_seed(0))
 HEADS = {  # the SSLHead modules of research-contributions SwinUNETR/Pretrain, for feature_size 12 (dim 192)
     "rotation_head.weight": (4, 192), "rotation_head.bias": (4,),
     "contrastive_head.weight": (512, 192), "contrastive_head.bias": (512,),

@@ -38,7 +38,7 @@ def register_source(source: Source) -> Source:
 
 
 def _ensure_loaded() -> None:
-    from . import sources2d, sources3d, sources_nnunet  # noqa: F401  (register on import)
+    from . import sources2d, sources3d, sources_monai, sources_nnunet  # noqa: F401  (register on import)
 
 
 def list_sources() -> list[Source]:

@@ -272,13 +272,37 @@ _CHEST_CT = PretrainedCfg(
     ),
 )
 
+# SuPreM's U-Net backbone (MrGiovanni/SuPreM supervised_pretraining/backbone/unet.py) is this network: the same module
+# names and widths, ContBatchNorm3d, ReLU, without out_tr (the Universal Model's heads replace it).
+_SUPREM = PretrainedCfg(
+    model="genesis_unet3d",
+    tag="suprem",
+    file_name="supervised_suprem_unet_2100.pth",
+    url="https://huggingface.co/MrGiovanni/SuPreM/resolve/main/supervised_suprem_unet_2100.pth",
+    source="suprem",
+    num_classes=None,
+    modality="CT (abdomen)",
+    in_channels=1,
+    intensity="HU clipped to [-175, 250] and scaled to [0, 1] (MONAI ScaleIntensityRanged, clip=True)",
+    spacing=(1.5, 1.5, 1.5),
+    patch_size=(96, 96, 96),
+    pretraining=("supervised segmentation of 25 classes (AbdomenAtlas 1.1, 2100 annotated abdominal CT scans per the "
+                 "file name and README) as the backbone of SuPreM's Universal Model"),
+    license="CC BY-NC-ND 4.0 (MrGiovanni/SuPreM LICENSE, (c) Johns Hopkins University): non-commercial, no derivatives",
+    citation=("W. Li, A. Yuille, Z. Zhou, 'How Well Do Supervised 3D Models Transfer to Medical Imaging Tasks?', "
+              "ICLR 2024 (SuPreM), github.com/MrGiovanni/SuPreM"),
+    notes=("{'net': state_dict} with keys under 'module.backbone.' (SuPreM's train.py and target_applications "
+           "loaders); no out_tr in the file, so a segmentation model gets a fresh one. The released file's contents "
+           "were not inspected here (not downloadable from this machine)."),
+)
+
 
 @register_model(
     "genesis_unet3d",
     family="Models Genesis",
     description="Models Genesis 3D U-Net (ContBatchNorm, 19.07M params), self-supervised on LUNA16 chest CT",
     default_num_classes=1,
-    pretrained=(_CHEST_CT,),
+    pretrained=(_CHEST_CT, _SUPREM),
     infer_kwargs=_infer_kwargs,
     example_size=(16, 16, 16),
     options=("act", "batch_stats_in_eval"),

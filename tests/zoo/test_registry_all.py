@@ -25,7 +25,8 @@ FIXED_NAMES = {
 }
 # Too slow to build three times on 2 CPU cores; their blocks are those of R10/R18/R50, and their keys and parameter
 # counts are checked on the meta device (tests/zoo/test_resnet3d.py).
-DEEP_VARIANTS = {"medicalnet_resnet34", "medicalnet_resnet101", "medicalnet_resnet152", "medicalnet_resnet200"}
+DEEP_VARIANTS = {"medicalnet_resnet34", "medicalnet_resnet101", "medicalnet_resnet152", "medicalnet_resnet200",
+                 "resnet3d_34", "resnet3d_101", "resnet3d_152"}
 FORWARD_MODELS = [n for n in mt.list_models() if n not in DEEP_VARIANTS]
 LOADABLE_MODELS = [n for n in FORWARD_MODELS if mt.get_entry(n).pretrained]
 # forward_features returns a list of stage maps, not one tensor; tests/zoo/test_p3d.py checks them.

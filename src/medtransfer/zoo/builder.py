@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
 from ..errors import CheckpointError, MedTransferError, UnknownModelError
-from ..weights.adapt import LoadReport, load_state_dict_with_report
+from ..weights.adapt import LoadReport, load_state_dict_with_report, parse_adapt_stem
 from ..weights.io import read_checkpoint
 from ..weights.sources import StateDict, convert
 from .pretrained import PretrainedCfg, cached_file
@@ -53,9 +53,29 @@ def file_pretrained_cfg(path: str | os.PathLike) -> PretrainedCfg | None:
     return PretrainedCfg.from_dict(data) if isinstance(data, dict) else None
 
 
-def load_notes(entry: ModelEntry, source: str, inferred: dict[str, Any]) -> list[str]:
-    """What a key-and-shape comparison cannot tell about loading a ``source`` file into ``entry``'s model."""
+# Families whose networks hold the same tensors under the same names (the inflated torchvision ResNet layout) but
+# differ in strides, dilations and pooling, which leave no trace in a file.
+RESNET_LAYOUT_FAMILIES = ("ResNet3D", "MedicalNet", "VDT")
+# Formats that are only a dict of tensors: nothing in them says how or on what they were trained.
+BARE_SOURCES = ("plain", "torchvision_video")
+
+
+def load_notes(entry: ModelEntry, source: str, inferred: dict[str, Any], contract_known: bool = False) -> list[str]:
+    """What a key-and-shape comparison cannot tell about loading a ``source`` file into ``entry``'s model.
+
+    ``contract_known``: the file's input contract is known from a :class:`PretrainedCfg` (published or recorded)."""
     notes = [str(n) for n in inferred.get("notes", [])]
+    if source in BARE_SOURCES and entry.family in RESNET_LAYOUT_FAMILIES:
+        notes.append(
+            "the file cannot tell its training architecture: strided stages (resnet3d_*), MedicalNet's dilated "
+            "layer3/4 (medicalnet_resnet*) and VDT's in-plane strides hold the same tensors, and strides, dilations "
+            "and pooling have none; `medtransfer zoo inspect FILE` ranks the networks it fits"
+        )
+    if source in BARE_SOURCES and not contract_known:
+        notes.append(
+            f"a '{source}' file carries no input contract (modality, intensity window and normalisation, spacing, "
+            "channel order, patch size): take it from where the file was published"
+        )
     own = {cfg.source for cfg in entry.pretrained}
     if own and source not in own | {"medtransfer", "plain"}:
         owners = sorted({e.family for e in map(get_entry, list_models()) if any(c.source == source for c in e.pretrained)})
@@ -97,6 +117,8 @@ def create_model(
     source: str = "auto",
     min_coverage: float | None = None,
     inflate: str = "i3d",
+    adapt_stem: str | Sequence[str] | None = None,
+    skip: Sequence[str] = (),
     **arch_kwargs: Any,
 ) -> nn.Module:
     """Build a registered model and optionally load weights into it.
@@ -112,6 +134,11 @@ def create_model(
         source: checkpoint format, ``auto`` detects it from the file's key signature.
         min_coverage: raise if less than this fraction of the encoder tensors loads.
         inflate: how 2D kernels become 3D ones (``i3d`` or ``centre``).
+        adapt_stem: how a file's input convolution of another depth and/or channel count is fitted: a depth rule
+            (``center_pad``, ``interpolate``) and/or a channel rule (``average``, ``tile``), joined by ``+``
+            (``"center_pad+average"``). See :class:`medtransfer.weights.adapt.StemAdapt`.
+        skip: shell-style patterns of file keys (canonical names, e.g. ``"fc.*"``) to leave out; the model keeps
+            its own values there and the report lists them.
         **arch_kwargs: architecture options of the family (``shortcut='B'``, ``decoder='unet'``, ...). Options a
             checkpoint implies (MedicalNet shortcut type, output classes) are read from it unless given here.
 
@@ -128,6 +155,7 @@ def create_model(
     if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
         raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
 
+    parse_adapt_stem(adapt_stem)  # a bad rule is an error before any file is read
     path, cfg = _resolve_pretrained(entry, tag, pretrained)
     state_dict = source_name = None
     notes: list[str] = []
@@ -138,7 +166,8 @@ def create_model(
         if entry.infer_kwargs is not None:
             inferred.update(entry.infer_kwargs(state_dict))
         # a head's class count applies only to the task it belongs to (an ImageNet fc says nothing of a decoder)
-        notes = load_notes(entry, source_name, inferred)
+        known = cfg is not None or isinstance(meta.get("pretrained_cfg"), dict)
+        notes = load_notes(entry, source_name, inferred, contract_known=known)
         inferred.pop("notes", None)
         ckpt_classes = inferred.pop("head_classes", {}).get(task)
         kwargs.update(inferred)
@@ -177,6 +206,8 @@ def create_model(
             inflate=inflate,
             path=str(path),
             notes=notes,
+            adapt_stem=adapt_stem,
+            skip=skip,
         )
     return model
 
@@ -188,18 +219,24 @@ def load_checkpoint(
     source: str = "auto",
     min_coverage: float | None = None,
     inflate: str = "i3d",
+    adapt_stem: str | Sequence[str] | None = None,
+    skip: Sequence[str] = (),
 ) -> LoadReport:
     """Load a weight file of any supported format into ``model`` and return the :class:`LoadReport`.
+
+    ``adapt_stem`` and ``skip`` as in :func:`create_model`.
 
     Raises :class:`~medtransfer.errors.CheckpointMismatchError` when no encoder tensor loads, when encoder tensors
     have other shapes, or when coverage is below ``min_coverage``; the model is then left unchanged.
     """
-    state_dict, source_name, _ = read_converted(path, source)
+    parse_adapt_stem(adapt_stem)
+    state_dict, source_name, meta = read_converted(path, source)
     name = getattr(model, "model_name", None)
     notes = []
     if name is not None:
         entry = get_entry(name)
-        notes = load_notes(entry, source_name, entry.infer_kwargs(state_dict) if entry.infer_kwargs else {})
+        notes = load_notes(entry, source_name, entry.infer_kwargs(state_dict) if entry.infer_kwargs else {},
+                           contract_known=isinstance(meta.get("pretrained_cfg"), dict))
     report = load_state_dict_with_report(
         model,
         state_dict,
@@ -209,6 +246,8 @@ def load_checkpoint(
         inflate=inflate,
         path=str(path),
         notes=notes,
+        adapt_stem=adapt_stem,
+        skip=skip,
     )
     model.load_report = report
     return report

@@ -158,7 +158,8 @@ def check_weights(cfg: FinetuneConfig) -> None:
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         create_model(cfg.model.name, task=cfg.model.task, num_classes=cfg.model.num_classes,
-                     in_channels=cfg.model.in_channels, pretrained=pretrained, **cfg.model.arch)
+                     in_channels=cfg.model.in_channels, pretrained=pretrained,
+                     adapt_stem=cfg.model.adapt_stem, skip=cfg.model.skip, **cfg.model.arch)
 
 
 def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: Any = None) -> dict[str, Any]:
@@ -298,7 +299,8 @@ def _build_model(run: dict[str, Any], cfg: FinetuneConfig, pretrained: Any):
     from ..zoo.builder import create_model
 
     return create_model(cfg.model.name, task=cfg.model.task, num_classes=run["num_classes"],
-                        in_channels=cfg.model.in_channels, pretrained=pretrained, **cfg.model.arch)
+                        in_channels=cfg.model.in_channels, pretrained=pretrained,
+                        adapt_stem=cfg.model.adapt_stem, skip=cfg.model.skip, **cfg.model.arch)
 
 
 # --------------------------------------------------------------------------------------------------- fit

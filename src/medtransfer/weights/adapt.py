@@ -97,6 +97,20 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
+def check_skip_patterns(
+    state_dict: Mapping[str, torch.Tensor], skip: str | Sequence[str], path: str | None = None
+) -> list[str]:
+    """``skip`` as a list; a pattern that matches no key of the file is an error (a typo would skip nothing)."""
+    skip = [skip] if isinstance(skip, str) else list(skip or ())
+    unused = [p for p in skip if not any(fnmatch.fnmatchcase(k, p) for k in state_dict)]
+    if unused:
+        raise CheckpointMismatchError(
+            f"{path + ': ' if path else ''}skip pattern(s) {', '.join(map(repr, unused))} match no tensor of the "
+            f"file (its keys look like {', '.join(list(state_dict)[:3])}); patterns are shell-style, e.g. 'fc.*'"
+        )
+    return skip
+
+
 @dataclass
 class LoadReport:
     """What a checkpoint load did. ``print(report)`` shows it as a table."""
@@ -265,13 +279,7 @@ def plan_load(
     shape is reported as mismatched.
     """
     stem = parse_adapt_stem(adapt_stem)
-    skip = [skip] if isinstance(skip, str) else list(skip)
-    unused = [p for p in skip if not any(fnmatch.fnmatchcase(k, p) for k in state_dict)]
-    if unused:
-        raise CheckpointMismatchError(
-            f"{path + ': ' if path else ''}skip pattern(s) {', '.join(map(repr, unused))} match no tensor of the "
-            f"file (its keys look like {', '.join(list(state_dict)[:3])}); patterns are shell-style, e.g. 'fc.*'"
-        )
+    skip = check_skip_patterns(state_dict, skip, path)
 
     def is_encoder(key: str) -> bool:
         return key.startswith(encoder_prefixes) if encoder_prefixes else True

@@ -225,6 +225,8 @@ def _fit_tensor(
     """Return ``value`` reshaped to fit ``target`` (inflated, stem-adapted) or None if it cannot fit."""
     done: list[str] = []
     shape = list(value.shape)
+    if value.is_floating_point() and target.is_floating_point():
+        value = value.to(dtype=target.dtype)  # adapt in the model's precision, not in the file's (bf16 means)
     if value.ndim + 1 == target.ndim and value.ndim == 4 and tuple(value.shape[2:]) == tuple(target.shape[3:]):
         value = inflate_conv_weight(value, target.shape[2], inflate)
         done.append(f"inflated 2D->3D ({inflate}, depth {target.shape[2]})")

@@ -109,19 +109,9 @@ register_source(
 
 # -- mmcv (VDT / CSPR) ----------------------------------------------------------------------------------------------
 def _vdt_signature(sd: Mapping[str, torch.Tensor]) -> bool:
-    """Keys of an mmcls classifier (``backbone.``/``head.`` modules), or a bare mmcls ResNet3D-18 backbone as VDT
-    publishes it: a one-channel 7x7x7 stem and two basic blocks per stage."""
-    keys = strip_prefixes(tensors_only(sd), ["module."])
-    if any(k.startswith(("backbone.", "head.")) for k in keys):
-        return True
-    stem = keys.get("conv1.weight")
-    return (
-        stem is not None
-        and tuple(stem.shape) == (64, 1, 7, 7, 7)
-        and "layer4.1.conv2.weight" in keys
-        and "layer4.2.conv1.weight" not in keys
-        and not any(".conv3." in k for k in keys)
-    )
+    """The module names of an mmcls classifier (``backbone.``, ``head.``), which VDT's published file is. A bare
+    ResNet in the same wrapper is not taken for VDT's: its keys fit any inflated 3D ResNet."""
+    return any(k.startswith(("backbone.", "head.")) for k in strip_prefixes(tensors_only(sd), ["module."]))
 
 
 def _detect_mmcv(obj: Any) -> bool:

@@ -178,3 +178,21 @@ def test_create_model_adapts_a_shallow_stem_into_a_deeper_one(tmp_path):
     torch.testing.assert_close(model.conv1.weight.detach(), adapt_kernel_depth(ref.conv1.weight.detach(), 7, "interpolate"))
     with pytest.raises(ValueError, match="adapt_stem 'pad'"):
         mt.create_model("resnet3d_18", task="features", pretrained=path, adapt_stem="pad")
+
+
+def test_finetune_config_carries_adapt_stem_and_skip_to_the_load(tmp_path):
+    from medtransfer.errors import MedTransferError
+    from medtransfer.train.config import validate
+    from medtransfer.train.finetune import check_weights
+
+    torch.manual_seed(0)
+    path = tmp_path / "r18.pth"
+    torch.save(mt.create_model("resnet3d_18", task="features", stem_depth=3).state_dict(), path)
+    model = {"name": "resnet3d_18", "pretrained": str(path), "arch": {"stem_depth": 7}}
+    with pytest.raises(CheckpointMismatchError, match="adapt_stem='center_pad' or 'interpolate'"):
+        check_weights(validate({"model": model}))
+    check_weights(validate({"model": {**model, "adapt_stem": "center_pad", "skip": ["layer4.*"]}}))
+    with pytest.raises(CheckpointMismatchError, match=r"skip pattern\(s\) 'head.\*' match no tensor"):
+        check_weights(validate({"model": {**model, "adapt_stem": "center_pad", "skip": ["head.*"]}}))
+    with pytest.raises(MedTransferError, match=r"model.adapt_stem: .*adapt_stem 'pad': give at most one depth rule"):
+        validate({"model": {**model, "adapt_stem": "pad"}})

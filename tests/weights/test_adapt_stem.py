@@ -70,6 +70,7 @@ def test_interpolate_is_linear_along_depth_with_the_ends_kept_and_rescaled():
     torch.testing.assert_close(out[:, :, 0], w[:, :, 0] * 3 / 7)
     torch.testing.assert_close(out[:, :, 3], w[:, :, 1] * 3 / 7)  # centre stays the centre
     torch.testing.assert_close(out[:, :, 1], (w[:, :, 0] * 2 / 3 + w[:, :, 1] / 3) * 3 / 7)
+    torch.testing.assert_close(adapt_kernel_depth(w, 1, "interpolate"), w.sum(dim=2, keepdim=True))
 
 
 def test_average_and_tile_channel_rules():

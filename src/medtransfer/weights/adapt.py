@@ -33,7 +33,8 @@ class StemAdapt:
     """How the input convolution (``first_conv_keys``) of a file is fitted to a stem of another shape.
 
     ``depth``: ``center_pad`` (file taps in the middle, zeros around them; a deeper file kernel is cut to its
-    centre taps) or ``interpolate`` (linear along depth, rescaled by file depth / model depth); None: a kernel of
+    centre taps) or ``interpolate`` (linear along depth with the end taps at the ends, rescaled by file depth /
+    model depth; to depth 1: the sum over depth); None: a kernel of
     another depth is a shape mismatch. ``channels``: ``average`` (every model channel gets the mean over the file's
     channels) or ``tile`` (file channels repeated in order, scaled by file channels / model channels); None: the
     default rule, average to one channel and tile to more.
@@ -41,9 +42,6 @@ class StemAdapt:
 
     depth: str | None = None
     channels: str | None = None
-
-    def __str__(self) -> str:
-        return "+".join(p for p in (self.depth, self.channels) if p) or "none"
 
 
 def parse_adapt_stem(value: str | Sequence[str] | StemAdapt | None) -> StemAdapt:
@@ -74,6 +72,8 @@ def adapt_kernel_depth(weight: torch.Tensor, depth: int, mode: str) -> torch.Ten
         start = (have - depth) // 2
         return weight[:, :, start : start + depth].clone()
     if mode == "interpolate":
+        if depth == 1:  # one sample of a linear interpolation would be an end tap: keep the depth sum instead
+            return weight.sum(dim=2, keepdim=True)
         o, i, d, kh, kw = weight.shape
         rows = weight.permute(0, 1, 3, 4, 2).reshape(-1, 1, d).float()
         out = F.interpolate(rows, size=depth, mode="linear", align_corners=True) * (have / depth)
@@ -130,6 +130,7 @@ class LoadReport:
     encoder_unexpected: list[str] = field(default_factory=list)  # file keys inside the encoder's modules
     notes: list[str] = field(default_factory=list)  # what the key comparison cannot tell (see zoo.builder)
     path: str | None = None
+    stem_keys: tuple[str, ...] = ()  # the model's first_conv_keys, which adapt_stem applies to
 
     @property
     def coverage(self) -> float:
@@ -286,7 +287,7 @@ def plan_load(
     def is_encoder(key: str) -> bool:
         return key.startswith(encoder_prefixes) if encoder_prefixes else True
 
-    report = LoadReport(source=source, model=model_name, path=path)
+    report = LoadReport(source=source, model=model_name, path=path, stem_keys=tuple(first_conv_keys))
     to_load: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if skip and _matches(key, skip):
@@ -373,8 +374,8 @@ def check_fit(report: LoadReport, min_coverage: float | None = None) -> None:
         )
     if encoder_mismatch:
         k, a, b = encoder_mismatch[0]
-        stem_depth = [m[0] for m in encoder_mismatch if len(m[1]) == len(m[2]) == 5 and m[1][0] == m[2][0]
-                      and m[1][3:] == m[2][3:] and m[1][2] != m[2][2]]
+        stem_depth = [m[0] for m in encoder_mismatch if m[0] in report.stem_keys and len(m[1]) == len(m[2]) == 5
+                      and m[1][0] == m[2][0] and m[1][3:] == m[2][3:] and m[1][2] != m[2][2]]
         hint = (
             f" {stem_depth[0]} is a kernel of another depth: adapt_stem='center_pad' or 'interpolate' adapts the "
             "input convolution (the model's option for its stem depth, if it has one, builds it to match)."

@@ -117,6 +117,10 @@ def test_resnet3d_18_matches_the_inflated_torchvision_reference(tmp_path):
     report = model.load_report
     assert report.source == "plain" and report.coverage == 1.0
     assert report.missing == [] and report.unexpected == [] and report.adapted == [] and report.mismatched == []
+    assert report.notes[-1] == (
+        "networks of this depth the file fits, best first (encoder coverage): medicalnet_resnet18 100.0%, "
+        "resnet3d_18 100.0%, vdt_resnet18_3d 100.0%; `medtransfer zoo inspect FILE` ranks every model"
+    )
     assert model.fc.out_features == 5 and model.arch_kwargs == {"stem_depth": 7, "shortcut": "B"}
     x = torch.randn(2, 1, 32, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -225,6 +229,8 @@ def test_the_r152_bf16_file_loads_into_resnet3d_152_with_full_coverage_and_an_ho
     assert "conv1.weight [64, 3, 3, 7, 7] sets stem_depth=3" in notes
     assert "cannot tell its training architecture: strided stages (resnet3d_*), MedicalNet's dilated" in notes
     assert "carries no input contract (modality, intensity window and normalisation, spacing" in notes
+    # MedicalNet's ResNet-152 needs a depth rule for this 3x7x7 stem, so only ours fits as asked
+    assert "networks of this depth the file fits, best first (encoder coverage): resnet3d_152 100.0% (adapted);" in notes
     text = str(report)
     assert "dtype cast       | 775 tensors bfloat16->float32" in text and "input channels 3->1 (average)" in text
 

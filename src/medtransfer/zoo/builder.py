@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -87,6 +88,27 @@ def load_notes(entry: ModelEntry, source: str, inferred: dict[str, Any], contrac
     return notes
 
 
+def candidate_notes(
+    entry: ModelEntry, state_dict: StateDict, source: str, path: Path, adapt_stem: Any, skip: Sequence[str]
+) -> list[str]:
+    """For a bare file loaded into a ResNet-layout network: the networks of those families and the same depth that
+    it fits, with their encoder coverage, best first (as `zoo inspect` ranks them, which also tries other depths),
+    since the file cannot say which one it came from."""
+    if source not in BARE_SOURCES or entry.family not in RESNET_LAYOUT_FAMILIES:
+        return []
+    from .tools import rank_fits
+
+    def depth(name: str) -> str | None:
+        found = re.search(r"resnet(?:3d_)?(\d+)", name)
+        return found.group(1) if found else None
+
+    names = [n for n in list_models() if get_entry(n).family in RESNET_LAYOUT_FAMILIES and depth(n) == depth(entry.name)]
+    fits = [f for f in rank_fits(dict(state_dict), source, path, names, adapt_stem, tuple(skip)) if f.ok]
+    listed = ", ".join(f"{f.model} {f.coverage:.1%}" + (" (adapted)" if f.reshaped else "") for f in fits)
+    return [f"networks of this depth the file fits, best first (encoder coverage): {listed or 'none'}; "
+            "`medtransfer zoo inspect FILE` ranks every model"]
+
+
 def _resolve_pretrained(
     entry: ModelEntry, tag: str | None, pretrained: bool | str | os.PathLike
 ) -> tuple[Path | None, PretrainedCfg | None]:
@@ -168,6 +190,7 @@ def create_model(
         # a head's class count applies only to the task it belongs to (an ImageNet fc says nothing of a decoder)
         known = cfg is not None or isinstance(meta.get("pretrained_cfg"), dict)
         notes = load_notes(entry, source_name, inferred, contract_known=known)
+        notes += candidate_notes(entry, state_dict, source_name, path, adapt_stem, skip)
         inferred.pop("notes", None)
         ckpt_classes = inferred.pop("head_classes", {}).get(task)
         kwargs.update(inferred)

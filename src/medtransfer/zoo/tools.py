@@ -186,10 +186,22 @@ def inspect_checkpoint(
             "MedicalNet's dilated medicalnet_resnet* hold the same ones), so the ranking compares names and shapes only",
             "input contract: modality, intensity window and normalisation, spacing, channel order, patch size",
         ]
-    for name in list_models():
-        info.fits.append(_plan_for(get_entry(name), state_dict, source_name, path, adapt_stem, skip))
-    info.fits.sort(key=lambda f: (not f.ok, -(f.coverage + f.file_used), f.reshaped, f.foreign, f.model))
+    info.fits = rank_fits(state_dict, source_name, path, list_models(), adapt_stem, skip)
     return info
+
+
+def rank_fits(
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    path: str | os.PathLike,
+    names: list[str],
+    adapt_stem: Any = None,
+    skip: tuple[str, ...] = (),
+) -> list[ModelFit]:
+    """How well the file fits each of ``names``, best first (the ranking of :func:`inspect_checkpoint`)."""
+    fits = [_plan_for(get_entry(n), state_dict, source, Path(path), adapt_stem, skip) for n in names]
+    fits.sort(key=lambda f: (not f.ok, -(f.coverage + f.file_used), f.reshaped, f.foreign, f.model))
+    return fits
 
 
 def convert_checkpoint(

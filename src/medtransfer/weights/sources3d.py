@@ -7,7 +7,7 @@
 | pymic       | ``{'iteration', 'valid_pred', 'model_state_dict', 'optimizer_state_dict'}`` | FMUNet / PCT-Net       |
 | mmdet       | MP3D: ``{'meta', 'state_dict', 'optimizer'?}`` or bare, keys under ``backbone.``, ``module.`` or none, with ``conv1_custom`` | P3D-63 (+ detector parts) |
 | mmcv        | ``{'meta', 'state_dict', 'optimizer'?}`` with VDT's key signature (below)   | VDT ResNet3D (+ ``fc``) |
-| torchvision_video | torchvision ``r3d_18`` layout: ``stem.0``, ``layer1.0.conv1.0``, ...    | inflated ResNet (resnet3d_*) |
+| torchvision_video | torchvision ``r3d_18`` layout: ``stem.0``, ``layer1.0.conv1.0``, ...    | resnet3d_18 (r3d options) |
 | medtransfer | safetensors with a JSON ``medtransfer`` header entry                        | as written                |
 | plain       | any other dict of tensors, optionally under ``state_dict``/``model``        | ``module.`` stripped      |
 """
@@ -209,7 +209,7 @@ def _detect_torchvision_video(obj: Any) -> bool:
 register_source(
     Source(
         name="torchvision_video",
-        description="torchvision video ResNet (r3d_18, mc3_18): 'stem.0', 'layer1.0.conv1.0', renamed to conv1/bn1",
+        description="torchvision video ResNet r3d_18: 'stem.0', 'layer1.0.conv1.0', ... renamed to conv1, bn1, layer1.0.conv1",
         detect=_detect_torchvision_video,
         convert=_torchvision_video_state_dict,
         priority=900,

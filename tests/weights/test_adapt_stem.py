@@ -197,3 +197,14 @@ def test_finetune_config_carries_adapt_stem_and_skip_to_the_load(tmp_path):
         check_weights(validate({"model": {**model, "adapt_stem": "center_pad", "skip": ["head.*"]}}))
     with pytest.raises(MedTransferError, match=r"model.adapt_stem: .*adapt_stem 'pad': give at most one depth rule"):
         validate({"model": {**model, "adapt_stem": "pad"}})
+
+
+def test_load_checkpoint_takes_the_same_options_and_notes(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "r18.pth"
+    torch.save(mt.create_model("resnet3d_18", task="features", stem_depth=3).state_dict(), path)
+    model = mt.create_model("resnet3d_18", task="features")
+    report = mt.load_checkpoint(model, path, adapt_stem="center_pad", skip=["layer4.*"])
+    assert report.adapted[0][1].startswith("depth 3->7 (center_pad)")
+    assert report.skipped and all(k.startswith("layer4.") for k in report.skipped)
+    assert report.notes[-1].startswith("networks of this depth the file fits, best first (encoder coverage): ")

@@ -260,6 +260,7 @@ def load_checkpoint(
         entry = get_entry(name)
         notes = load_notes(entry, source_name, entry.infer_kwargs(state_dict) if entry.infer_kwargs else {},
                            contract_known=isinstance(meta.get("pretrained_cfg"), dict))
+        notes += candidate_notes(entry, state_dict, source_name, Path(path), adapt_stem, skip)
     report = load_state_dict_with_report(
         model,
         state_dict,

@@ -25,10 +25,12 @@ FIXED_NAMES = {
 }
 # Too slow to build three times on 2 CPU cores; their blocks are those of R10/R18/R50, and their keys and parameter
 # counts are checked on the meta device (tests/zoo/test_resnet3d.py).
-DEEP_VARIANTS = {"medicalnet_resnet34", "medicalnet_resnet101", "medicalnet_resnet152", "medicalnet_resnet200"}
+DEEP_VARIANTS = {"medicalnet_resnet34", "medicalnet_resnet101", "medicalnet_resnet152", "medicalnet_resnet200",
+                 "resnet3d_34", "resnet3d_101", "resnet3d_152"}
 # nnunet without plans is nnU-Net's full-size default (31M parameters, 64^3 at least); tests/zoo/test_nnunet.py
-# checks it on small plans instead.
-SLOW_DEFAULTS = {"nnunet"}
+# checks it on small plans instead. swin_unetr (62M parameters) takes up to a minute here; tests/zoo/test_swin_unetr.py
+# checks it at small feature sizes.
+SLOW_DEFAULTS = {"nnunet", "swin_unetr"}
 FORWARD_MODELS = [n for n in mt.list_models() if n not in DEEP_VARIANTS | SLOW_DEFAULTS]
 LOADABLE_MODELS = [n for n in FORWARD_MODELS if mt.get_entry(n).pretrained]
 # forward_features returns a list of stage maps, not one tensor; tests/zoo/test_p3d.py checks them.

@@ -17,6 +17,13 @@ zoo_app = typer.Typer(
 )
 
 
+_ADAPT_STEM_HELP = (
+    "Fit a file's input convolution of another depth and/or channel count: center_pad or interpolate (depth), "
+    "average or tile (channels), joined by '+', e.g. center_pad+average."
+)
+_SKIP_HELP = "Leave out the file tensors whose key matches this shell pattern (repeatable), e.g. --skip 'fc.*'."
+
+
 def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
@@ -78,14 +85,20 @@ def zoo_inspect(
     source: str = typer.Option("auto", help="Checkpoint format; 'auto' detects it from the key signature."),
     show_all: bool = typer.Option(False, "--all", help="Also list the models the file does not fit."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    adapt_stem: Optional[str] = typer.Option(None, "--adapt-stem", help=_ADAPT_STEM_HELP),
+    skip: Optional[list[str]] = typer.Option(None, "--skip", help=_SKIP_HELP),
 ) -> None:
     """Detect a weight file's format, count its tensors, and show which models it fits and with what coverage.
 
-    The file is read without executing anything in it. Exits 1 when it fits no registered model.
+    The file is read without executing anything in it. Models are ranked by encoder coverage plus the share of
+    the file used, then by how little adaptation the fit needs. Exits 1 when it fits no registered model.
     """
     from ..zoo.tools import inspect_checkpoint
 
-    info = inspect_checkpoint(file, source=source)
+    try:
+        info = inspect_checkpoint(file, source=source, adapt_stem=adapt_stem, skip=tuple(skip or ()))
+    except ValueError as exc:
+        _fail(exc)
     fits = info.fits if show_all else [f for f in info.fits if f.ok]
     fits_none = not any(f.ok for f in info.fits)  # exit 1 then, so scripts can tell
     if as_json:
@@ -98,12 +111,14 @@ def zoo_inspect(
                     "parameters": info.parameters,
                     "key_groups": info.key_groups,
                     "metadata": info.metadata,
+                    "cannot_tell": info.unknowable,
                     "fits": [
                         {
                             "model": f.model,
                             "ok": f.ok,
                             "coverage": round(f.coverage, 6),
                             "file_used": round(f.file_used, 6),
+                            "adapted": [list(a) for a in f.report.adapted] if f.ok and f.report else [],
                             "note": f.reason,
                         }
                         for f in fits
@@ -130,6 +145,8 @@ def zoo_inspect(
                     f"patch {made['patch_size']}" if made.get("patch_size") else "",
                     f"spacing {made['spacing']}" if made.get("spacing") else "native spacing"]
         console.print(f"  input contract  : {', '.join(c for c in contract if c)}", highlight=False)
+    for line in info.unknowable:
+        console.print(f"  cannot tell     : {line}", highlight=False, soft_wrap=True)
     table = Table(title="models this file fits" if not show_all else "all models")
     table.add_column("model", no_wrap=True)
     table.add_column("fits")
@@ -159,6 +176,8 @@ def zoo_convert(
     source: str = typer.Option("auto", help="Checkpoint format; 'auto' detects it."),
     min_coverage: Optional[float] = typer.Option(None, help="Fail when less of the encoder loads (0-1)."),
     inflate: str = typer.Option("i3d", help="2D->3D kernel inflation: i3d (repeat and divide) or centre."),
+    adapt_stem: Optional[str] = typer.Option(None, "--adapt-stem", help=_ADAPT_STEM_HELP),
+    skip: Optional[list[str]] = typer.Option(None, "--skip", help=_SKIP_HELP),
 ) -> None:
     """Convert a weight file to medtransfer's normalised format (safetensors + JSON metadata) and print the report."""
     from ..paths import check_output_file
@@ -176,6 +195,8 @@ def zoo_convert(
             source=source,
             min_coverage=min_coverage,
             inflate=inflate,
+            adapt_stem=adapt_stem,
+            skip=tuple(skip or ()),
         )
     except (ValueError, TypeError) as exc:
         _fail(exc)

@@ -40,6 +40,17 @@ class ModelConfig(_Section):
     in_channels: int = Field(1, gt=0)
     pretrained: Union[bool, str, None] = False  # True: the weights cache; str: a file; False/None: random init
     arch: dict[str, Any] = Field(default_factory=dict)  # extra architecture kwargs (shortcut_type, ...)
+    # how the file's input convolution is fitted to another stem depth/channel count ("center_pad+average", ...)
+    adapt_stem: Optional[str] = None
+    skip: list[str] = Field(default_factory=list)  # shell patterns of file keys left out (the model keeps its own)
+
+    @field_validator("adapt_stem")
+    @classmethod
+    def _known_adapt_stem(cls, value: Optional[str]) -> Optional[str]:
+        from ..weights.adapt import parse_adapt_stem
+
+        parse_adapt_stem(value)  # a ValueError naming the rules becomes a field error
+        return value
 
     @field_validator("name")
     @classmethod

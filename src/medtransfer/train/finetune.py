@@ -160,7 +160,8 @@ def check_weights(cfg: FinetuneConfig) -> None:
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         create_model(cfg.model.name, task=cfg.model.task, num_classes=cfg.model.num_classes,
-                     in_channels=cfg.model.in_channels, pretrained=pretrained, **cfg.model.arch)
+                     in_channels=cfg.model.in_channels, pretrained=pretrained,
+                     adapt_stem=cfg.model.adapt_stem, skip=cfg.model.skip, **cfg.model.arch)
 
 
 def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: Any = None) -> dict[str, Any]:
@@ -335,7 +336,8 @@ def _build_model(run: dict[str, Any], cfg: FinetuneConfig, pretrained: Any):
     recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in run.get("arch_kwargs", {}).items()}  # JSON
     arch = {**recorded, **cfg.model.arch}
     return create_model(cfg.model.name, task=cfg.model.task, num_classes=run["num_classes"],
-                        in_channels=cfg.model.in_channels, pretrained=pretrained, **arch)
+                        in_channels=cfg.model.in_channels, pretrained=pretrained,
+                        adapt_stem=cfg.model.adapt_stem, skip=cfg.model.skip, **arch)
 
 
 # --------------------------------------------------------------------------------------------------- fit

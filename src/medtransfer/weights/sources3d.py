@@ -6,7 +6,8 @@
 | genesis     | ``{'epoch', 'state_dict': {'module.down_tr64...'}, 'optimizer_state_dict'}`` | Models Genesis UNet3D  |
 | pymic       | ``{'iteration', 'valid_pred', 'model_state_dict', 'optimizer_state_dict'}`` | FMUNet / PCT-Net       |
 | mmdet       | MP3D: ``{'meta', 'state_dict', 'optimizer'?}`` or bare, keys under ``backbone.``, ``module.`` or none, with ``conv1_custom`` | P3D-63 (+ detector parts) |
-| mmcv        | ``{'meta', 'state_dict', 'optimizer'?}``, keys with or without ``backbone.`` | VDT ResNet3D (+ ``fc``) |
+| mmcv        | ``{'meta', 'state_dict', 'optimizer'?}`` with VDT's key signature (below)   | VDT ResNet3D (+ ``fc``) |
+| torchvision_video | torchvision ``r3d_18`` layout: ``stem.0``, ``layer1.0.conv1.0``, ...    | resnet3d_18 (r3d options) |
 | medtransfer | safetensors with a JSON ``medtransfer`` header entry                        | as written                |
 | plain       | any other dict of tensors, optionally under ``state_dict``/``model``        | ``module.`` stripped      |
 """
@@ -107,8 +108,15 @@ register_source(
 
 
 # -- mmcv (VDT / CSPR) ----------------------------------------------------------------------------------------------
+def _vdt_signature(sd: Mapping[str, torch.Tensor]) -> bool:
+    """The module names of an mmcls classifier (``backbone.``, ``head.``), which VDT's published file is. A bare
+    ResNet in the same wrapper is not taken for VDT's: its keys fit any inflated 3D ResNet."""
+    return any(k.startswith(("backbone.", "head.")) for k in strip_prefixes(tensors_only(sd), ["module."]))
+
+
 def _detect_mmcv(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and "meta" in obj and is_tensor_dict(_inner(obj))
+    # {'meta', 'state_dict'} is what every mmcv runner and many other tools save: the wrapper alone names no format.
+    return isinstance(obj, Mapping) and "meta" in obj and is_tensor_dict(_inner(obj)) and _vdt_signature(obj["state_dict"])
 
 
 def _convert_mmcv(obj: Any) -> StateDict:
@@ -146,10 +154,20 @@ register_source(
 
 
 # -- MedicalNet -----------------------------------------------------------------------------------------------------
+# What MedicalNet's train.py saves around the weights; the released files hold 'state_dict' alone.
+_MEDICALNET_TOP = {"state_dict", "ecpoch", "batch_id", "optimizer"}
+
+
 def _detect_medicalnet(obj: Any) -> bool:
-    sd = _strip_module(_inner(obj))
+    # The ResNet keys alone fit every inflated 3D ResNet (Kinetics, I3D, our resnet3d_*): MedicalNet's signature is
+    # its top-level keys plus DataParallel's 'module.' (or its conv_seg head).
+    if not isinstance(obj, Mapping) or not set(obj) <= _MEDICALNET_TOP:
+        return False
+    raw = tensors_only(_inner(obj))
+    sd = _strip_module(raw)
     w = sd.get("conv1.weight")
-    return w is not None and w.ndim == 5 and any(k.startswith("layer1.0.") for k in sd)
+    resnet = w is not None and w.ndim == 5 and any(k.startswith("layer1.0.") for k in sd)
+    return resnet and (keys_start_with(raw, "module.", 1.0) or any(k.startswith("conv_seg.") for k in sd))
 
 
 register_source(
@@ -159,6 +177,42 @@ register_source(
         detect=_detect_medicalnet,
         convert=lambda obj: _strip_module(obj["state_dict"]),
         priority=40,
+    )
+)
+
+
+# -- torchvision video ResNet (r3d_18) ------------------------------------------------------------------------------
+def _torchvision_video_key(key: str) -> str:
+    """``stem.0`` -> ``conv1``, ``stem.1`` -> ``bn1``, ``layerI.J.convK.0`` -> ``convK``, ``layerI.J.convK.1`` ->
+    ``bnK``; ``downsample.0/1`` and ``fc`` keep their names (torchvision's Conv3DSimple blocks are the inflated
+    torchvision ones with each conv wrapped in a Sequential with its BN)."""
+    parts = key.split(".")
+    if parts[0] == "stem" and len(parts) == 3 and parts[1] in ("0", "1"):
+        return f"{'conv1' if parts[1] == '0' else 'bn1'}.{parts[2]}"
+    if parts[0].startswith("layer") and len(parts) == 5 and parts[2].startswith("conv") and parts[3] in ("0", "1"):
+        name = parts[2] if parts[3] == "0" else "bn" + parts[2][4:]
+        return ".".join([parts[0], parts[1], name, parts[4]])
+    return key
+
+
+def _torchvision_video_state_dict(obj: Any) -> StateDict:
+    return {_torchvision_video_key(k): v for k, v in _plain_state_dict(obj).items()}
+
+
+def _detect_torchvision_video(obj: Any) -> bool:
+    sd = _plain_state_dict(obj)
+    stem, block = sd.get("stem.0.weight"), sd.get("layer1.0.conv1.0.weight")
+    # r(2+1)d factorises every conv (stem.3, layer1.0.conv1.0.0): not this layout
+    return stem is not None and stem.ndim == 5 and block is not None and block.ndim == 5 and "stem.3.weight" not in sd
+
+
+register_source(
+    Source(
+        name="torchvision_video",
+        description="torchvision video ResNet r3d_18: 'stem.0', 'layer1.0.conv1.0', ... renamed to conv1, bn1, layer1.0.conv1",
+        detect=_detect_torchvision_video,
+        convert=_torchvision_video_state_dict,
+        priority=900,
     )
 )
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
 from ..errors import CheckpointError, MedTransferError, UnknownModelError
-from ..weights.adapt import LoadReport, load_state_dict_with_report
+from ..weights.adapt import LoadReport, load_state_dict_with_report, parse_adapt_stem
 from ..weights.io import read_checkpoint
 from ..weights.sources import StateDict, convert
 from .pretrained import PretrainedCfg, cached_file
@@ -54,9 +55,29 @@ def file_pretrained_cfg(path: str | os.PathLike) -> PretrainedCfg | None:
     return PretrainedCfg.from_dict(data) if isinstance(data, dict) else None
 
 
-def load_notes(entry: ModelEntry, source: str, inferred: dict[str, Any]) -> list[str]:
-    """What a key-and-shape comparison cannot tell about loading a ``source`` file into ``entry``'s model."""
+# Families whose networks hold the same tensors under the same names (the inflated torchvision ResNet layout) but
+# differ in strides, dilations and pooling, which leave no trace in a file.
+RESNET_LAYOUT_FAMILIES = ("ResNet3D", "MedicalNet", "VDT")
+# Formats that are only a dict of tensors: nothing in them says how or on what they were trained.
+BARE_SOURCES = ("plain", "torchvision_video")
+
+
+def load_notes(entry: ModelEntry, source: str, inferred: dict[str, Any], contract_known: bool = False) -> list[str]:
+    """What a key-and-shape comparison cannot tell about loading a ``source`` file into ``entry``'s model.
+
+    ``contract_known``: the file's input contract is known from a :class:`PretrainedCfg` (published or recorded)."""
     notes = [str(n) for n in inferred.get("notes", [])]
+    if source in BARE_SOURCES and entry.family in RESNET_LAYOUT_FAMILIES:
+        notes.append(
+            "the file cannot tell its training architecture: strided stages (resnet3d_*), MedicalNet's dilated "
+            "layer3/4 (medicalnet_resnet*) and VDT's in-plane strides hold the same tensors, and strides, dilations "
+            "and pooling have none; `medtransfer zoo inspect FILE` ranks the networks it fits"
+        )
+    if source in BARE_SOURCES and not contract_known:
+        notes.append(
+            f"a '{source}' file carries no input contract (modality, intensity window and normalisation, spacing, "
+            "channel order, patch size): take it from where the file was published"
+        )
     own = {cfg.source for cfg in entry.pretrained}
     if own and source not in own | {"medtransfer", "plain"}:
         owners = sorted({e.family for e in map(get_entry, list_models()) if any(c.source == source for c in e.pretrained)})
@@ -66,6 +87,27 @@ def load_notes(entry: ModelEntry, source: str, inferred: dict[str, Any]) -> list
             "but the network they were trained in may differ in strides, dilations or input contract"
         )
     return notes
+
+
+def candidate_notes(
+    entry: ModelEntry, state_dict: StateDict, source: str, path: Path, adapt_stem: Any, skip: Sequence[str]
+) -> list[str]:
+    """For a bare file loaded into a ResNet-layout network: the networks of those families and the same depth that
+    it fits, with their encoder coverage, best first (as `zoo inspect` ranks them, which also tries other depths),
+    since the file cannot say which one it came from."""
+    if source not in BARE_SOURCES or entry.family not in RESNET_LAYOUT_FAMILIES:
+        return []
+    from .tools import rank_fits
+
+    def depth(name: str) -> str | None:
+        found = re.search(r"resnet(?:3d_)?(\d+)", name)
+        return found.group(1) if found else None
+
+    names = [n for n in list_models() if get_entry(n).family in RESNET_LAYOUT_FAMILIES and depth(n) == depth(entry.name)]
+    fits = [f for f in rank_fits(dict(state_dict), source, path, names, adapt_stem, tuple(skip)) if f.ok]
+    listed = ", ".join(f"{f.model} {f.coverage:.1%}" + (" (adapted)" if f.reshaped else "") for f in fits)
+    return [f"networks of this depth the file fits, best first (encoder coverage): {listed or 'none'}; "
+            "`medtransfer zoo inspect FILE` ranks every model"]
 
 
 def _resolve_pretrained(
@@ -102,6 +144,8 @@ def create_model(
     source: str = "auto",
     min_coverage: float | None = None,
     inflate: str = "i3d",
+    adapt_stem: str | Sequence[str] | None = None,
+    skip: Sequence[str] = (),
     **arch_kwargs: Any,
 ) -> nn.Module:
     """Build a registered model and optionally load weights into it.
@@ -120,6 +164,11 @@ def create_model(
         source: checkpoint format, ``auto`` detects it from the file's key signature.
         min_coverage: raise if less than this fraction of the encoder tensors loads.
         inflate: how 2D kernels become 3D ones (``i3d`` or ``centre``).
+        adapt_stem: how a file's input convolution of another depth and/or channel count is fitted: a depth rule
+            (``center_pad``, ``interpolate``) and/or a channel rule (``average``, ``tile``), joined by ``+``
+            (``"center_pad+average"``). See :class:`medtransfer.weights.adapt.StemAdapt`.
+        skip: shell-style patterns of file keys (canonical names, e.g. ``"fc.*"``) to leave out; the model keeps
+            its own values there and the report lists them.
         **arch_kwargs: architecture options of the family (``shortcut='B'``, ``decoder='unet'``, ...). Options a
             checkpoint implies (MedicalNet shortcut type, output classes) are read from it unless given here.
 
@@ -136,6 +185,7 @@ def create_model(
     if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
         raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
 
+    parse_adapt_stem(adapt_stem)  # a bad rule is an error before any file is read
     path, cfg = _resolve_pretrained(entry, tag, pretrained, download)
     state_dict = source_name = None
     notes: list[str] = []
@@ -146,7 +196,9 @@ def create_model(
         if entry.infer_kwargs is not None:
             inferred.update(entry.infer_kwargs(state_dict))
         # a head's class count applies only to the task it belongs to (an ImageNet fc says nothing of a decoder)
-        notes = load_notes(entry, source_name, inferred)
+        known = cfg is not None or isinstance(meta.get("pretrained_cfg"), dict)
+        notes = load_notes(entry, source_name, inferred, contract_known=known)
+        notes += candidate_notes(entry, state_dict, source_name, path, adapt_stem, skip)
         inferred.pop("notes", None)
         ckpt_classes = inferred.pop("head_classes", {}).get(task)
         kwargs.update(inferred)
@@ -185,6 +237,8 @@ def create_model(
             inflate=inflate,
             path=str(path),
             notes=notes,
+            adapt_stem=adapt_stem,
+            skip=skip,
         )
     return model
 
@@ -196,18 +250,25 @@ def load_checkpoint(
     source: str = "auto",
     min_coverage: float | None = None,
     inflate: str = "i3d",
+    adapt_stem: str | Sequence[str] | None = None,
+    skip: Sequence[str] = (),
 ) -> LoadReport:
     """Load a weight file of any supported format into ``model`` and return the :class:`LoadReport`.
+
+    ``adapt_stem`` and ``skip`` as in :func:`create_model`.
 
     Raises :class:`~medtransfer.errors.CheckpointMismatchError` when no encoder tensor loads, when encoder tensors
     have other shapes, or when coverage is below ``min_coverage``; the model is then left unchanged.
     """
-    state_dict, source_name, _ = read_converted(path, source)
+    parse_adapt_stem(adapt_stem)
+    state_dict, source_name, meta = read_converted(path, source)
     name = getattr(model, "model_name", None)
     notes = []
     if name is not None:
         entry = get_entry(name)
-        notes = load_notes(entry, source_name, entry.infer_kwargs(state_dict) if entry.infer_kwargs else {})
+        notes = load_notes(entry, source_name, entry.infer_kwargs(state_dict) if entry.infer_kwargs else {},
+                           contract_known=isinstance(meta.get("pretrained_cfg"), dict))
+        notes += candidate_notes(entry, state_dict, source_name, Path(path), adapt_stem, skip)
     report = load_state_dict_with_report(
         model,
         state_dict,
@@ -217,6 +278,8 @@ def load_checkpoint(
         inflate=inflate,
         path=str(path),
         notes=notes,
+        adapt_stem=adapt_stem,
+        skip=skip,
     )
     model.load_report = report
     return report

@@ -142,7 +142,7 @@ def conv_seg_head(in_channels: int, num_classes: int, mid_channels: int = 32) ->
 
 # -- the trunk: stem + four stages -----------------------------------------------------------------------------------
 class ResNet3dTrunk(ZooModel):
-    """Stem (7^3 conv, BN, ReLU, optional 3^3 max-pool) and ``layer1..4``, named as both official codes name them.
+    """Stem (7^3 conv unless ``stem_kernel`` says otherwise, BN, ReLU, optional 3^3 max-pool) and ``layer1..4``, named as both official codes name them.
 
     ``needs_shortcut(stride, in_channels, out_channels)`` is the family's rule for a stage's first block: MedicalNet
     adds one when any stride is not 1 or the width changes; VDT looks only at the *depth* stride and the width.
@@ -165,16 +165,20 @@ class ResNet3dTrunk(ZooModel):
         shortcut: str,
         needs_shortcut: Callable[[Triple, int, int], bool],
         task: str,
+        stem_kernel: Triple = (7, 7, 7),
+        pool_stride: Triple | None = None,
     ):
         super().__init__()
         self.task = task
         self.in_channels = in_channels
         self.use_maxpool = use_maxpool
-        self.conv1 = nn.Conv3d(in_channels, 64, kernel_size=7, stride=stem_stride, padding=3, bias=False)
+        padding = tuple(k // 2 for k in stem_kernel)
+        self.conv1 = nn.Conv3d(in_channels, 64, kernel_size=stem_kernel, stride=stem_stride, padding=padding, bias=False)
         self.bn1 = nn.BatchNorm3d(64)
         self.relu = nn.ReLU(inplace=True)
-        # The pool strides like the stem conv (VDT: in-plane only, yet its kernel still spans 3 slices).
-        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=stem_stride, padding=1)
+        # The pool strides like the stem conv unless told otherwise (VDT: in-plane only, yet its kernel still spans
+        # 3 slices).
+        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=pool_stride or stem_stride, padding=1)
         widths = (64, 128, 256, 512)
         channels = 64
         for i, (planes, n, stride, dilation) in enumerate(zip(widths, layers, strides, dilations), start=1):

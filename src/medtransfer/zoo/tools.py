@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointMismatchError, MedTransferError
-from ..weights.adapt import LoadReport, check_fit, plan_load
+from ..weights.adapt import LoadReport, check_fit, check_skip_patterns, parse_adapt_stem, plan_load
 from ..provenance import sha256_file, versions
 from ..weights.io import save_safetensors
 from .builder import create_model, read_converted
@@ -82,6 +82,7 @@ class ModelFit:
     report: LoadReport | None = None
     file_used: float = 0.0  # fraction of the file's tensors that load into the model
     foreign: bool = False  # the file's format is not one the model's own published weights use
+    reshaped: int = 0  # axes changed by adaptation (inflation, stem depth, channels) over all adapted tensors
 
 
 @dataclass
@@ -93,9 +94,17 @@ class CheckpointInfo:
     key_groups: dict[str, int]
     metadata: dict[str, Any]
     fits: list[ModelFit] = field(default_factory=list)
+    unknowable: list[str] = field(default_factory=list)  # what the file cannot tell (bare state_dicts)
 
 
-def _plan_for(entry: ModelEntry, state_dict: dict[str, torch.Tensor], source: str, path: Path) -> ModelFit:
+def _plan_for(
+    entry: ModelEntry,
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    path: Path,
+    adapt_stem: Any = None,
+    skip: tuple[str, ...] = (),
+) -> ModelFit:
     kwargs = entry.infer_kwargs(state_dict) if entry.infer_kwargs else {}
     kwargs.pop("notes", None)
     own_sources = {c.source for c in entry.pretrained} | {"medtransfer", "plain"}
@@ -115,7 +124,14 @@ def _plan_for(entry: ModelEntry, state_dict: dict[str, torch.Tensor], source: st
         source=source,
         model_name=entry.name,
         path=str(path),
+        adapt_stem=adapt_stem,
+        skip=skip,
     )
+    own = model.state_dict()
+    reshaped = 0
+    for key, _ in report.adapted:
+        a, b = tuple(state_dict[key].shape), tuple(own[key].shape)
+        reshaped += abs(len(a) - len(b)) + sum(x != y for x, y in zip(a[::-1], b[::-1]))
     try:
         check_fit(report)
     except CheckpointMismatchError:
@@ -126,7 +142,7 @@ def _plan_for(entry: ModelEntry, state_dict: dict[str, torch.Tensor], source: st
     note = "; ".join(p for p in parts if p)
     counted = len(report.loaded) + len(report.unexpected) + len(report.mismatched)
     used = len(report.loaded) / counted if counted else 0.0
-    return ModelFit(entry.name, report.coverage, True, note, report, used, foreign)
+    return ModelFit(entry.name, report.coverage, True, note, report, used, foreign, reshaped)
 
 
 def _why_not(report: LoadReport) -> str:
@@ -138,10 +154,20 @@ def _why_not(report: LoadReport) -> str:
     return f"{len(report.encoder_unexpected)} file tensors the model lacks (e.g. {report.encoder_unexpected[0]})"
 
 
-def inspect_checkpoint(path: str | os.PathLike, source: str = "auto") -> CheckpointInfo:
-    """Detect a file's source, count its tensors, and measure how well it fits every registered model."""
+def inspect_checkpoint(
+    path: str | os.PathLike, source: str = "auto", adapt_stem: Any = None, skip: tuple[str, ...] = ()
+) -> CheckpointInfo:
+    """Detect a file's source, count its tensors, and measure how well it fits every registered model.
+
+    Ranking: models it fits first, then by encoder coverage plus the fraction of the file used, then by how much
+    adaptation the fit needs (fewest axes changed first), then own-format models before foreign ones.
+    """
+    from .builder import BARE_SOURCES
+
     path = Path(path)
+    parse_adapt_stem(adapt_stem)
     state_dict, source_name, metadata = read_converted(path, source)
+    skip = tuple(check_skip_patterns(state_dict, skip, str(path)))
     groups: dict[str, int] = {}
     for key in state_dict:
         head = key.split(".")[0]
@@ -154,10 +180,28 @@ def inspect_checkpoint(path: str | os.PathLike, source: str = "auto") -> Checkpo
         key_groups=groups,
         metadata=metadata,
     )
-    for name in list_models():
-        info.fits.append(_plan_for(get_entry(name), state_dict, source_name, path))
-    info.fits.sort(key=lambda f: (not f.ok, -(f.coverage + f.file_used), f.foreign, f.model))
+    if source_name in BARE_SOURCES:
+        info.unknowable = [
+            "training architecture: strides, dilations and pooling have no tensors (a strided resnet3d_* and "
+            "MedicalNet's dilated medicalnet_resnet* hold the same ones), so the ranking compares names and shapes only",
+            "input contract: modality, intensity window and normalisation, spacing, channel order, patch size",
+        ]
+    info.fits = rank_fits(state_dict, source_name, path, list_models(), adapt_stem, skip)
     return info
+
+
+def rank_fits(
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    path: str | os.PathLike,
+    names: list[str],
+    adapt_stem: Any = None,
+    skip: tuple[str, ...] = (),
+) -> list[ModelFit]:
+    """How well the file fits each of ``names``, best first (the ranking of :func:`inspect_checkpoint`)."""
+    fits = [_plan_for(get_entry(n), state_dict, source, Path(path), adapt_stem, skip) for n in names]
+    fits.sort(key=lambda f: (not f.ok, -(f.coverage + f.file_used), f.reshaped, f.foreign, f.model))
+    return fits
 
 
 def convert_checkpoint(
@@ -171,6 +215,8 @@ def convert_checkpoint(
     source: str = "auto",
     min_coverage: float | None = None,
     inflate: str = "i3d",
+    adapt_stem: Any = None,
+    skip: tuple[str, ...] = (),
     **arch_kwargs: Any,
 ) -> tuple[Path, LoadReport]:
     """Load ``path`` into ``model_name`` and write the tensors that came from the file as safetensors + metadata.
@@ -193,6 +239,8 @@ def convert_checkpoint(
         source=source,
         min_coverage=min_coverage,
         inflate=inflate,
+        adapt_stem=adapt_stem,
+        skip=skip,
         **arch_kwargs,
     )
     report: LoadReport = model.load_report

@@ -40,6 +40,7 @@ __all__ = [
     "DEEPLESION_FPS",
     "Matching",
     "match_detections",
+    "box_hit",
     "froc",
     "froc_points",
     "deeplesion_sensitivity",
@@ -153,7 +154,7 @@ def _summary(m: Matching, n_lesions: int, n_scans: int, fps: Sequence[float], in
     return out
 
 
-def _box_hit(kind: str, iou: float) -> Callable[[np.ndarray, tuple], np.ndarray]:
+def box_hit(kind: str, iou: float = 0.5) -> Callable[[np.ndarray, tuple], np.ndarray]:
     if kind == "iou":
         return lambda dets, les: _iou(dets, np.asarray(les[1], dtype=np.float64)[None])[:, 0] >= iou
 
@@ -187,7 +188,7 @@ def froc(
     ellipsoid inscribed in the lesion box); ``hit="iou"``: ``IoU >= iou``. ``interpolation`` defaults to LUNA16's
     "linear" for centre hits and DeepLesion's "step" for IoU hits. Returns ``{"sensitivity@<fp>": .., "cpm": mean}``
     (NaN when there are no lesions)."""
-    m = match_detections(detections, lesions, _box_hit(hit, iou))
+    m = match_detections(detections, lesions, box_hit(hit, iou))
     interpolation = interpolation or ("linear" if hit == "centre_in_radius" else "step")
     return _summary(m, len(lesions), n_scans, fps, interpolation)
 

@@ -119,3 +119,21 @@ def test_detection_predict_boxes_json_and_label_map(tmp_path, luna, finished):
     assert (lab > 0).any() == bool(js["detections"])
     with pytest.raises(MedTransferError, match="exist already"):
         predict(finished, [scan], out)
+
+
+def test_detection_25d_deeplesion_phantoms(tmp_path):
+    root = write_detection_phantoms(tmp_path / "dl", 4, 0, "deeplesion")
+    out = tmp_path / "run"
+    cfg = {"model": {"name": "resnet50_2d", "task": "detection", "detector": {"fpn_channels": 16}},
+           "data": {"path": str(root), "format": "deeplesion", "patch_size": [48, 48], "batch_size": 2,
+                    "val_fraction": 0.25, "test_fraction": 0.0},
+           "optim": {"lr": 1e-3}, "out": str(out),
+           "train": {"max_steps": 3, "max_epochs": None, "val_every": 3, "val_interval": "step"}}
+    run_finetune(cfg, progress=False)
+    run = json.loads((out / "run.json").read_text())
+    # 9 neighbouring slices as channels, read from the prepared images; DeepLesion's protocol for 2D boxes
+    assert run["in_channels"] == 9 and run["protocol"] == "deeplesion" and run["spatial_dims"] == 2
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert {"sensitivity@0.5", "sensitivity@16", "cpm", "map_iou0.1"} <= set(records[-1]["val"])
+    assert (out / "checkpoints" / "best.pt").is_file()

@@ -39,3 +39,19 @@ def test_detection_recipes_refuse_other_tasks_and_detector_needs_detection():
         recipe("mp3d", "segmentation")
     with pytest.raises((MedTransferError, ValueError), match="applies to task 'detection' only"):
         load_config({"model": {"name": "medicalnet_resnet10", "detector": {"fpn_channels": 8}}, "out": "/tmp/x"})
+
+
+def test_benchmark_grid_takes_detection_tasks(tmp_path):
+    from medtransfer.bench.grid import cells, finetune_config, load_benchmark_config
+    from medtransfer.train.config import FinetuneConfig
+
+    cfg = load_benchmark_config({
+        "model": {"name": "medicalnet_resnet10"}, "inits": [{"name": "scratch"}],
+        "tasks": [{"name": "luna", "data": str(tmp_path), "format": "luna16", "task": "detection",
+                   "finetune": {"data": {"options": {"task": "detection"}}}}],
+        "fractions": [1.0], "trials": 1, "out": str(tmp_path / "grid")})
+    cell = cells(cfg)[0]
+    assert cell["metric_name"] == "cpm" and cell["higher_is_better"] is True
+    ft = finetune_config(cfg, cell, False, tmp_path / "grid")
+    assert ft["model"]["task"] == "detection" and ft["data"]["options"] == {"task": "detection"}
+    FinetuneConfig.model_validate(ft)  # a valid fine-tune config

@@ -77,8 +77,9 @@ class TaskConfig(_Section):
     name: str
     data: Optional[Path] = None
     format: str = "auto"
-    task: Literal["segmentation", "classification", "multilabel"] = "segmentation"
-    metric: Optional[str] = None  # None: dice_mean (segmentation), accuracy (classification), auc_mean (multilabel)
+    task: Literal["segmentation", "classification", "multilabel", "detection"] = "segmentation"
+    # None: dice_mean (segmentation), accuracy (classification), auc_mean (multilabel), cpm (detection)
+    metric: Optional[str] = None
     higher_is_better: bool = True
     finetune: dict[str, Any] = Field(default_factory=dict)  # fine-tune values for this task
 
@@ -256,7 +257,8 @@ def finetune_config(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Unio
     net = init.model or cfg.model
     data = merge(merge(cfg.finetune, task.finetune), init.finetune)
     return merge(data, {
-        "model": {"name": net.name, "task": "segmentation" if task.task == "segmentation" else "classification",
+        "model": {"name": net.name,
+                  "task": task.task if task.task in ("segmentation", "detection") else "classification",
                   "pretrained": pretrained, "arch": dict(net.arch)},
         "data": {"path": str(task.data) if task.data else None, "format": task.format,
                  "label_fraction": cell["fraction"], "test_fraction": cfg.test_fraction},

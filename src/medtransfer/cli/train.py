@@ -77,7 +77,7 @@ def finetune(
     model: Optional[str] = typer.Option(None, "--model", help="Model name (model.name)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="true, false or a weight file."),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset path (default: embedded phantoms)."),
-    task: Optional[str] = typer.Option(None, "--task", help="segmentation or classification."),
+    task: Optional[str] = typer.Option(None, "--task", help="segmentation, classification or detection."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Seed-system recipe merged under the config."),
     label_fraction: Optional[float] = typer.Option(None, "--label-fraction", help="Share of labelled cases."),
     seed: Optional[int] = typer.Option(None, "--seed"),

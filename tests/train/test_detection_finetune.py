@@ -128,7 +128,7 @@ def test_detection_25d_deeplesion_phantoms(tmp_path):
            "data": {"path": str(root), "format": "deeplesion", "patch_size": [48, 48], "batch_size": 2,
                     "val_fraction": 0.25, "test_fraction": 0.0},
            "optim": {"lr": 1e-3}, "out": str(out),
-           "train": {"max_steps": 3, "max_epochs": None, "val_every": 3, "val_interval": "step"}}
+           "train": {"max_steps": 3, "max_epochs": None, "val_every": 1, "val_interval": "step"}}
     run_finetune(cfg, progress=False)
     run = json.loads((out / "run.json").read_text())
     # 9 neighbouring slices as channels, read from the prepared images; DeepLesion's protocol for 2D boxes

@@ -1,4 +1,5 @@
-"""A trained run applied to whole cases: :func:`evaluate` scores it, :func:`predict` writes label maps.
+"""A trained run applied to whole cases: :func:`evaluate` scores it, :func:`predict` writes label maps (detection
+runs: boxes, see :func:`_predict_detection`; their evaluation writes ``hits.json`` with every hit and miss).
 
 Prediction geometry: the model sees the prepared image (the run's pipeline); its class probabilities (softmax, or
 sigmoid for one channel) are moved back onto the grid of the input by world coordinates, undoing every geometric

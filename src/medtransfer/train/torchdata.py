@@ -2,7 +2,8 @@
 
 Batches are dicts ``{"image": float32 (N, C, *spatial), "label": ..., "case_id": list[str]}`` as the training loop
 (``train/loop.py``) expects: segmentation labels are int64 ``(N, *spatial)``, classification targets int64 ``(N,)``
-(one class per case) or float32 ``(N, K)`` (multi-label 0/1 vectors).
+(one class per case) or float32 ``(N, K)`` (multi-label 0/1 vectors), detection targets float32
+``(N, n_max, 2 * dims + 1)`` (voxel corner box + 1-based label, rows of -1 padding; :class:`BoxPatchDataset`).
 
 Reproducibility: a patch depends only on ``(seed, epoch, index)``; each item draws from its own
 ``np.random.default_rng([seed, epoch, index])``, so the patches do not depend on worker count, on item order or on

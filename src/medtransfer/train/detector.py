@@ -374,7 +374,13 @@ def build_detector(
     if unknown:
         raise MedTransferError(f"unknown detector option(s) {', '.join(unknown)}; known: "
                                f"{', '.join(net_keys + eng_keys + ('box_weight',))}")
-    encoder = create_model(backbone, task="features", in_channels=in_channels, pretrained=pretrained, source=source)
+    from medtransfer.zoo.builder import split_name
+    from medtransfer.zoo.registry import get_entry
+
+    # a 3D encoder on a 2.5D stack (P3D-63) sees the K slices as depth with one channel
+    stack = get_entry(split_name(backbone)[0]).spatial_dims == 3 and spatial_dims == 2
+    encoder = create_model(backbone, task="features", in_channels=1 if stack else in_channels,
+                           pretrained=pretrained, source=source)
     if spatial_dims == 3 and "anchor_shapes" not in opts and "anchor_scale" not in opts:
         opts["anchor_shapes"] = MONAI_LUNA_ANCHOR_SHAPES
     model = RetinaNetDetectionModel(encoder, spatial_dims=spatial_dims, in_channels=in_channels,

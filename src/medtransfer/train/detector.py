@@ -215,8 +215,9 @@ class RetinaNetDetectionModel(nn.Module):
         b = x.shape[0]
         body = torch.cat([cls.float(), box.float(), anchors.expand(b, -1, -1)], 2)
         shape_row = torch.full((b, 1, body.shape[2]), -1.0, device=x.device)
-        shape_row[:, 0, self.num_classes + 2 * self.spatial_dims:][:, :self.spatial_dims] = torch.tensor(
-            x.shape[2:], dtype=torch.float32, device=x.device)
+        start = self.num_classes + 2 * self.spatial_dims  # the anchor columns
+        shape_row[:, 0, start:start + self.spatial_dims] = torch.tensor(x.shape[2:], dtype=torch.float32,
+                                                                        device=x.device)
         return torch.cat([body, shape_row], 1)
 
 
@@ -318,14 +319,9 @@ class DetectionLoss(nn.Module):
         anchors = [u["anchors"]] * out.shape[0]
         a = self.engine.num_anchors_per_loc
         locs = [n // a for n in u["counts"]]
-        import warnings
-
-        with warnings.catch_warnings():
-            # MONAI warns for every patch without a matched anchor (negative crops have none by design)
-            warnings.filterwarnings("ignore", message="No anchor is matched")
-            matched = [self._match(a_img, t, locs) for a_img, t in zip(anchors, targets)]
-            cls = self.engine.compute_cls_loss(u["cls"], targets, matched)
-            box = self.engine.compute_box_loss(u["box"], targets, anchors, matched).to(out.device)
+        matched = [self._match(a_img, t, locs) for a_img, t in zip(anchors, targets)]
+        cls = self.engine.compute_cls_loss(u["cls"], targets, matched)
+        box = self.engine.compute_box_loss(u["box"], targets, anchors, matched).to(out.device)
         self.last = {"cls": float(cls.detach()), "box": float(box.detach())}
         return cls + self.box_weight * box
 

@@ -441,7 +441,7 @@ def _predict_detection(cfg, run: dict[str, Any], model, run_dir: Path, paths: li
     want = run["spatial_dims"]
     if want != 3:
         raise MedTransferError(f"predict takes 3D volumes; the run at {run_dir} is a {want}D (2.5D) detection run, "
-                               "whose inputs are slice stacks: score them with `medtransfer evaluate --data`")
+                               "whose inputs are slice stacks: score its cases with `medtransfer evaluate RUN --split test`")
     for path in paths:
         shape, _, _, _ = read_header(path)
         if len(shape) != want:

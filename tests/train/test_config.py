@@ -61,8 +61,8 @@ def test_invalid_values_name_the_field(data, expected):
 
 
 def test_invalid_task_and_model_name():
-    assert "model.task: Input should be 'segmentation', 'classification' or 'features'" in _error(
-        {"model": {**MODEL, "task": "detection"}}
+    assert "model.task: Input should be 'segmentation', 'classification', 'features' or 'detection'" in _error(
+        {"model": {**MODEL, "task": "regression"}}
     )
     msg = _error({"model": {"name": "medicalnet_resnt10"}})
     assert "model.name: unknown model 'medicalnet_resnt10'" in msg and "medicalnet_resnet10" in msg

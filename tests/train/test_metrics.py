@@ -123,8 +123,9 @@ def test_metric_for_and_build_metrics():
     assert metric_for("classification", multilabel=True) == ("auc_mean", "max")
     assert metric_for("multilabel") == ("auc_mean", "max")
     assert metric_for("classification") == ("accuracy", "max")
+    assert metric_for("detection") == ("cpm", "max")
     with pytest.raises(ValueError, match="task"):
-        metric_for("detection")
+        metric_for("regression")
     assert isinstance(build_metrics("segmentation", num_classes=2), SegmentationMetrics)
     assert build_metrics("multilabel", num_classes=3).multilabel
 

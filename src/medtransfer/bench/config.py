@@ -45,8 +45,9 @@ class TaskConfig(_Section):
     name: str
     data: Optional[Path] = None
     format: str = "auto"
-    task: Literal["segmentation", "classification", "multilabel"] = "segmentation"
-    metric: Optional[str] = None  # None: dice_mean (segmentation), accuracy (classification), auc_mean (multilabel)
+    task: Literal["segmentation", "classification", "multilabel", "detection"] = "segmentation"
+    # None: dice_mean (segmentation), accuracy (classification), auc_mean (multilabel), cpm (detection)
+    metric: Optional[str] = None
     higher_is_better: bool = True
     finetune: dict[str, Any] = Field(default_factory=dict)  # fine-tune values for this task
 

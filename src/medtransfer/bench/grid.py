@@ -127,7 +127,8 @@ def finetune_config(cfg: BenchmarkConfig, cell: dict[str, Any], pretrained: Unio
     net = init.model or cfg.model
     data = merge(merge(cfg.finetune, task.finetune), init.finetune)
     return merge(data, {
-        "model": {"name": net.name, "task": "segmentation" if task.task == "segmentation" else "classification",
+        "model": {"name": net.name,
+                  "task": task.task if task.task in ("segmentation", "detection") else "classification",
                   "pretrained": pretrained, "arch": dict(net.arch)},
         "data": {"path": str(task.data) if task.data else None, "format": task.format,
                  "label_fraction": cell["fraction"], "test_fraction": cfg.test_fraction},

@@ -77,7 +77,7 @@ def finetune(
     model: Optional[str] = typer.Option(None, "--model", help="Model name (model.name)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="true, false or a weight file."),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset path (default: embedded phantoms)."),
-    task: Optional[str] = typer.Option(None, "--task", help="segmentation or classification."),
+    task: Optional[str] = typer.Option(None, "--task", help="segmentation, classification or detection."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Seed-system recipe merged under the config."),
     label_fraction: Optional[float] = typer.Option(None, "--label-fraction", help="Share of labelled cases."),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -155,8 +155,8 @@ def evaluate(
 
 @train_app.command()
 def predict(
-    run_dir: Path = typer.Argument(..., help="A segmentation finetune run folder."),
-    inputs: list[Path] = typer.Argument(..., help="Images to segment."),
+    run_dir: Path = typer.Argument(..., help="A segmentation or 3D detection finetune run folder."),
+    inputs: list[Path] = typer.Argument(..., help="Images to segment, or volumes to detect lesions in."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the label maps (default: RUN_DIR/predictions)."),
     window: Optional[str] = window_opt,
     overlap: Optional[float] = overlap_opt,
@@ -165,9 +165,15 @@ def predict(
     fmt: str = typer.Option("nii.gz", "--format", help="Output type: nii.gz, nii, nrrd, mha, or same (the input's "
                             "own type; DICOM gives nii.gz). Names: the input's name without its image extension."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace label maps that exist already."),
+    box_labels: bool = typer.Option(False, "--box-labels", help="Detection runs: also write a label map of the "
+                                    "boxes (each box filled with its class) for viewers."),
+    box_threshold: float = typer.Option(0.5, "--box-threshold", help="Detection runs: the lowest score of a box "
+                                        "drawn into the --box-labels map (every box goes into the JSON)."),
 ) -> None:
     """Write a label map per input (NIfTI by default), on the input's grid (class probabilities mapped back by
-    world coordinates, then the argmax). Clashing output names are refused before anything is written."""
+    world coordinates, then the argmax). Detection runs write <name>.boxes.json: every box with its score and
+    label, in voxel corners on the input's grid and in world (LPS mm, cccwhd) coordinates. Clashing output names
+    are refused before anything is written."""
     from ..paths import check_output_dir
     from ..train.apply import predict as run_predict
 
@@ -176,7 +182,8 @@ def predict(
             check_output_dir(out, "--out")
         paths = run_predict(run_dir, inputs, out if out is not None else run_dir / "predictions",
                             window_size=_window(window), overlap=overlap, batch_size=window_batch,
-                            memory_gb=memory_gb, fmt=fmt, overwrite=overwrite)
+                            memory_gb=memory_gb, fmt=fmt, overwrite=overwrite, box_labels=box_labels,
+                            box_threshold=box_threshold)
     except ValueError as exc:
         _fail(exc)
     for p in paths:

@@ -1,4 +1,5 @@
-"""A trained run applied to whole cases: :func:`evaluate` scores it, :func:`predict` writes label maps.
+"""A trained run applied to whole cases: :func:`evaluate` scores it, :func:`predict` writes label maps (detection
+runs: boxes, see :func:`_predict_detection`; their evaluation writes ``hits.json`` with every hit and miss).
 
 Prediction geometry: the model sees the prepared image (the run's pipeline); its class probabilities (softmax, or
 sigmoid for one channel) are moved back onto the grid of the input by world coordinates, undoing every geometric
@@ -53,7 +54,13 @@ def _load_run(run_dir: Path):
               "the run's checkpoints/last.pt holds its latest weights: copy it over best.pt to use those, or put an "
               "earlier copy of best.pt in its place")
     state = read_run_checkpoint(ckpt, advice=advice)
-    model = _build_model(run, cfg, False)
+    if run["task"] == "detection":
+        from .finetune import build_detection
+
+        model, _, postprocess = build_detection(run, cfg, False)
+        model.postprocess = postprocess
+    else:
+        model = _build_model(run, cfg, False)
     model.load_state_dict(state["model"])
     from .loop import _resolve_device
 
@@ -95,6 +102,66 @@ def _case_logits(model, image: np.ndarray, run: dict[str, Any], options: Optiona
     return logits
 
 
+def detect_case(model, image: np.ndarray, run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(voxel boxes (P, 2d) on the prepared array, scores (P,), 1-based labels (P,))`` of one prepared case, the
+    whole image in one pass (the detector pads it to its stride; no sliding window)."""
+    arr = np.array(image, dtype=np.float32)
+    if arr.ndim == run["spatial_dims"]:
+        arr = arr[None]
+    x = torch.from_numpy(np.ascontiguousarray(arr))[None].to(next(model.parameters()).device)
+    with torch.no_grad():
+        out = model(x).float()
+    boxes, scores, labels = model.postprocess(out, arr.shape[1:])[0]
+    return boxes.cpu().numpy(), scores.cpu().numpy(), labels.cpu().numpy()
+
+
+def _detection_rows(case_id: str, dets, gt, hit) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One case's hits and misses: (cases.csv row, hits.json entry), matched by the run's protocol."""
+    from .detection_metrics import match_detections
+
+    boxes, scores, labels = dets
+    gt_boxes, gt_labels = gt
+    m = match_detections([(case_id, float(s), b) for b, s in zip(boxes, scores)],
+                         [(case_id, b) for b in gt_boxes], hit)
+    lesions = [{"box": [float(v) for v in b], "label": int(lab), "hit": bool(j >= 0),
+                "score": None if j < 0 else float(m.lesion_score[k]), "detection": int(j)}
+               for k, (b, lab, j) in enumerate(zip(gt_boxes, gt_labels, m.lesion_hit_by))]
+    detections = [{"box": [float(v) for v in b], "score": float(s), "label": int(lab), "fp": bool(fp)}
+                  for b, s, lab, fp in zip(boxes, scores, labels, m.is_fp)]
+    n_hit = sum(les["hit"] for les in lesions)
+    row = {"case_id": case_id, "lesions": len(lesions), "hit": n_hit, "missed": len(lesions) - n_hit,
+           "detections": len(detections), "false_positives": int(m.is_fp.sum())}
+    return row, {"case_id": case_id, "lesions": lesions, "detections": detections}
+
+
+def _evaluate_detection(model, run: dict[str, Any], cache, ids: list[str]):
+    """Rows of cases.csv, the hits.json entries and the pooled metrics (FROC / sensitivity@FP, CPM, mAP@0.1)."""
+    from .detection_metrics import box_hit, coco_map, deeplesion_sensitivity, froc
+
+    luna = run.get("protocol", "luna16") == "luna16"
+    hit = box_hit("centre_in_radius") if luna else box_hit("iou", 0.5)
+    rows, hits, detections, lesions, pred, truth = [], [], [], [], [], []
+    started = time.perf_counter()
+    for i, case_id in enumerate(ids, 1):
+        image, _, _ = cache.load(case_id)
+        dets = detect_case(model, image, run)
+        gt = cache.boxes(case_id)
+        row, entry = _detection_rows(case_id, dets, gt, hit)
+        rows.append(row)
+        hits.append(entry)
+        detections += [(case_id, float(s), b) for b, s in zip(dets[0], dets[1])]
+        lesions += [(case_id, b) for b in gt[0]]
+        pred.append(dets)
+        truth.append(gt)
+        _progress("evaluate", i, len(ids), case_id, started)
+    if luna:
+        metrics = froc(detections, lesions, n_scans=len(ids))
+    else:
+        metrics = deeplesion_sensitivity(detections, lesions, n_images=len(ids))
+    metrics["map_iou0.1"] = coco_map(pred, truth, num_classes=run["num_classes"]) if lesions else float("nan")
+    return rows, hits, metrics
+
+
 def probabilities(logits: torch.Tensor) -> np.ndarray:
     """Class probabilities ``(C, *spatial)`` of one case's logits ``(1, C, *spatial)``: softmax, or sigmoid for one
     channel, so that ``p > 0.5`` and the argmax give the labels the logits give."""
@@ -128,6 +195,14 @@ def _evaluation_dir(run_dir: Path, dataset_name: Optional[str], split: str, over
     if not overwrite and ((out / "summary.json").exists() or (out / "cases.csv").exists()):
         raise MedTransferError(f"{out} already holds an evaluation; pass --overwrite to replace it, or move it away")
     return out
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k2 for r in rows for k2 in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _add_once(values: list, spacing) -> None:
@@ -189,6 +264,16 @@ def evaluate(
     if not ids:
         raise MedTransferError(f"split {split!r} of {run_dir} holds no cases; choose another with --split")
     task, k = run["task"], run["num_classes"]
+    if task == "detection":
+        rows, hits, metrics = _evaluate_detection(model, run, cache, ids)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_csv(out / "cases.csv", rows)
+        _write_json(out / "hits.json", {"coordinates": "voxel corner boxes (lo..., hi...) on the prepared arrays",
+                                        "protocol": run.get("protocol", "luna16"), "cases": hits})
+        _write_json(out / "summary.json", {"split": split if data_path is None else "all",
+                                           "data": str(data_path or run["data_path"]), "cases": len(ids),
+                                           "protocol": run.get("protocol", "luna16"), "metrics": metrics})
+        return out
     total = build_metrics(task, num_classes=k, multilabel=run["multilabel"])
     rows, spacings = [], {"original": [], "prepared": []}
     for i, case_id in enumerate(ids, 1):
@@ -228,11 +313,7 @@ def evaluate(
             rows.append({"case_id": case_id, "target": t, "prediction": pred})
         _progress("evaluate", i, len(ids), case_id, started)
     out.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k2 for r in rows for k2 in r))
-    with (out / "cases.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(out / "cases.csv", rows)
     summary: dict[str, Any] = {"split": split if data_path is None else "all",
                                "data": str(data_path or run["data_path"]), "cases": len(ids)}
     if task == "segmentation":
@@ -251,6 +332,7 @@ def predict(
     run_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
     window_size: Optional[Sequence[int]] = None, overlap: Optional[float] = None, batch_size: Optional[int] = None,
     memory_gb: Optional[float] = None, fmt: str = "nii.gz", overwrite: bool = False,
+    box_labels: bool = False, box_threshold: float = 0.5,
 ) -> list[Path]:
     """Label maps of ``inputs`` (segmentation runs) written as ``<out_dir>/<name><ext>`` over the input grid,
     in the orientation the input has on disk (module docstring: probabilities mapped back by world coordinates).
@@ -268,6 +350,12 @@ def predict(
     from ..data.types import Image
 
     cfg, run, model = _load_run(Path(run_dir))
+    if run["task"] == "detection":
+        return _predict_detection(cfg, run, model, Path(run_dir), list(map(Path, inputs)), Path(out_dir), fmt=fmt,
+                                  overwrite=overwrite, box_labels=box_labels, box_threshold=box_threshold)
+    if box_labels:
+        raise MedTransferError("--box-labels applies to detection runs; the run at "
+                               f"{run_dir} is a {run['task']} run")
     if run["task"] != "segmentation":
         raise MedTransferError(f"predict writes label maps; the run at {run_dir} is a {run['task']} run")
     options = inference_options(cfg, run["spatial_dims"], window_size=window_size, overlap=overlap,
@@ -335,3 +423,71 @@ def _earlier_predictions(path: Path, overwrite: bool) -> list[dict[str, Any]]:
 
 def _mm(spacing) -> str:
     return "x".join(f"{float(v):g}" for v in spacing)
+
+
+def _predict_detection(cfg, run: dict[str, Any], model, run_dir: Path, paths: list[Path], out_dir: Path, *,
+                       fmt: str, overwrite: bool, box_labels: bool, box_threshold: float) -> list[Path]:
+    """``<out_dir>/<name>.boxes.json`` per input: every detection's score, label, voxel box on the input's own
+    grid (array order, corner mode) and world box (LPS mm ``cccwhd``), mapped back through the preprocessing
+    records (:func:`medtransfer.data.boxes.boxes_to_original`); with ``box_labels`` also ``<name><ext>``, a label
+    map on the input grid where each box of score >= ``box_threshold`` is filled with its class (higher scores
+    drawn last, so they win where boxes overlap)."""
+    from ..data.boxes import boxes_to_original
+    from ..data.io import plan_output_paths, read_header, read_image, write_image
+    from ..data.preprocess import Pipeline
+    from ..data.types import Image
+    from .finetune import _write_json
+
+    want = run["spatial_dims"]
+    if want != 3:
+        raise MedTransferError(f"predict takes 3D volumes; the run at {run_dir} is a {want}D (2.5D) detection run, "
+                               "whose inputs are slice stacks: score its cases with `medtransfer evaluate RUN --split test`")
+    for path in paths:
+        shape, _, _, _ = read_header(path)
+        if len(shape) != want:
+            raise MedTransferError(f"{path}: a {len(shape)}D image (shape {shape}), but the run at {run_dir} is a "
+                                   f"{want}D detector; give it 3D volumes")
+    maps = plan_output_paths(paths, out_dir, fmt)
+    jsons = [m.parent / (m.name[: -len("".join(m.suffixes))] + ".boxes.json") if m.suffixes else
+             m.with_name(m.name + ".boxes.json") for m in maps]
+    planned = jsons + (maps if box_labels else [])
+    existing = [str(t) for t in planned if t.exists()]
+    if existing and not overwrite:
+        raise MedTransferError(f"{len(existing)} output file(s) exist already, nothing was written: "
+                               f"{', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}; choose another "
+                               "--out folder or pass --overwrite")
+    pipeline = Pipeline.from_dict(run["pipeline"])
+    written: list[Path] = []
+    for i, (path, js, lm) in enumerate(zip(paths, jsons, maps), 1):
+        started = time.perf_counter()
+        original = read_image(path)
+        prepared = pipeline(original)
+        boxes, scores, labels = detect_case(model, prepared.array, run)
+        meta = {"shape": list(np.shape(prepared.array)), "spacing": list(prepared.spacing),
+                "origin": list(prepared.origin), "direction": np.asarray(prepared.direction).tolist(),
+                "preprocess": prepared.meta.get("preprocess", [])}
+        voxel, world = boxes_to_original(boxes, meta) if len(boxes) else (np.zeros((0, 6)), np.zeros((0, 6)))
+        found = [{"score": float(s), "label": int(lab), "voxel": [float(v) for v in vb],
+                  "world_cccwhd": [float(v) for v in wb]}
+                 for s, lab, vb, wb in zip(scores, labels, voxel, world)]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(js, {"input": str(path), "run": str(run_dir), "coordinates": {
+            "voxel": "corner boxes (lo_0, lo_1, lo_2, hi_0, hi_1, hi_2) on the input's array axes, voxel i spans "
+                     "[i, i + 1)", "world_cccwhd": "centre (x, y, z) and size (w, h, d) in LPS mm"},
+            "detections": found})
+        written.append(js)
+        if box_labels:
+            shape = np.shape(original.array)[-want:]
+            lab_map = np.zeros(shape, np.uint16)
+            for det in sorted(found, key=lambda d: d["score"]):
+                if det["score"] < box_threshold:
+                    continue
+                vb = det["voxel"]
+                lo = [max(0, int(np.floor(v))) for v in vb[:want]]
+                hi = [min(n, int(np.ceil(v))) for v, n in zip(vb[want:], shape)]
+                lab_map[tuple(slice(a, b) for a, b in zip(lo, hi))] = det["label"]
+            image = Image(array=lab_map, spacing=tuple(original.spacing), origin=tuple(original.origin),
+                          direction=np.array(original.direction, dtype=float, copy=True), meta=dict(original.meta))
+            written.append(write_image(image, lm, like=original))
+        _progress("predict", i, len(paths), str(path), started)
+    return written

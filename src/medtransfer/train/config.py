@@ -24,7 +24,7 @@ from ..errors import MedTransferError
 from .recipes import apply_recipe
 
 TASKS = ("segmentation", "classification", "features")  # the tasks of mt.create_model (zoo/registry.py)
-Task = Literal["segmentation", "classification", "features"]
+Task = Literal["segmentation", "classification", "features", "detection"]
 
 
 class _Section(BaseModel):
@@ -51,6 +51,8 @@ class ModelConfig(_Section):
 
         parse_adapt_stem(value)  # a ValueError naming the rules becomes a field error
         return value
+    # task detection: options of train.detector.build_detector (fpn_channels, anchors, cls_loss, NMS, ...)
+    detector: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -70,6 +72,12 @@ class ModelConfig(_Section):
         from ..zoo.registry import get_entry
 
         tasks = get_entry(self.name).tasks
+        if self.task == "detection":  # a RetinaNet on the model's encoder (train/detector.py)
+            if "features" not in tasks:
+                raise ValueError(f"task 'detection' needs {self.name}'s encoder (task 'features'), which it lacks")
+            return self
+        if self.detector:
+            raise ValueError("model.detector applies to task 'detection' only")
         if self.task not in tasks:
             raise ValueError(f"task {self.task!r} is not supported by {self.name}; choose one of {', '.join(tasks)}")
         return self

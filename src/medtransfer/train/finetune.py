@@ -8,7 +8,8 @@ modality and the loaded weights' contract), ``run.json`` (what
 
 Defaults chosen here:
 
-* no ``data.path``: :data:`PHANTOM_DEFAULTS` (8 embedded phantoms of 32^3 voxels at 5 mm, seed 0, i.e. the 64^3 at
+* no ``data.path``: for detection :data:`DETECTION_PHANTOM_DEFAULTS` (LUNA16 layout, in
+  ``<out>/phantoms_detection``); else :data:`PHANTOM_DEFAULTS` (8 embedded phantoms of 32^3 voxels at 5 mm, seed 0, i.e. the 64^3 at
   2.5 mm thorax of ``data/phantoms.py`` at half resolution) are written to ``<out>/phantoms``;
 * preprocessed cases go to ``data.cache_dir``, else ``<data.cache_root>/<pipeline hash>`` (shared by runs, prepared
   under a file lock), else ``<out>/cache``;
@@ -45,6 +46,7 @@ from .config import FinetuneConfig, dump_config, load_config
 log = logging.getLogger(__name__)
 
 PHANTOM_DEFAULTS = {"n": 8, "seed": 0, "shape": (32, 32, 32), "spacing": (5.0, 5.0, 5.0)}
+DETECTION_PHANTOM_DEFAULTS = {"n": 6, "seed": 0}  # data/phantoms_detection.py: 32x48x48 voxels at 2.5x2x2 mm
 DEFAULT_PATCH = {3: (64, 64, 64), 2: (224, 224)}  # 224^2: the ImageNet input of resnet50_2d's weights
 
 # PretrainedCfg.source (checkpoint format) -> intensity preset of data.preprocess.PRESETS, read from each
@@ -159,7 +161,9 @@ def check_weights(cfg: FinetuneConfig) -> None:
 
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-        create_model(cfg.model.name, task=cfg.model.task, num_classes=cfg.model.num_classes,
+        detection = cfg.model.task == "detection"  # the detector's encoder is the model built for 'features'
+        create_model(cfg.model.name, task="features" if detection else cfg.model.task,
+                     num_classes=None if detection else cfg.model.num_classes,
                      in_channels=cfg.model.in_channels, pretrained=pretrained,
                      adapt_stem=cfg.model.adapt_stem, skip=cfg.model.skip, **cfg.model.arch)
 
@@ -235,6 +239,15 @@ def _dataset(cfg: FinetuneConfig, out: Path):
     from ..data.phantoms import write_phantom_dataset
 
     path = cfg.data.path
+    if path is None and cfg.model.task == "detection":
+        from ..data.phantoms_detection import write_detection_phantoms
+
+        p = DETECTION_PHANTOM_DEFAULTS
+        root = out / "phantoms_detection"
+        if not (root / "annotations.csv").is_file():
+            write_detection_phantoms(root, p["n"], p["seed"], "luna16")
+        log.warning("data.path unset: %d LUNA16-layout detection phantoms (seed %d) in %s", p["n"], p["seed"], root)
+        return checked_dataset(root, "luna16", {"task": "detection", **(cfg.data.options or {})}), root
     if path is None:
         p = PHANTOM_DEFAULTS
         root = out / "phantoms"
@@ -265,6 +278,13 @@ def _num_classes(cfg: FinetuneConfig, dataset, cache=None) -> tuple[int, bool]:
     here rather than inside the loss."""
     targets = [c.target for c in dataset.cases]
     multilabel = any(isinstance(t, (list, tuple)) for t in targets)
+    if cfg.model.task == "detection":  # box classes: the declared ones, else those the boxes use
+        declared = max(dataset.labels) if dataset.labels else max(
+            [max(c.box_labels or (1,)) for c in dataset.cases] + [1])
+        if cfg.model.num_classes is not None and cfg.model.num_classes < declared:
+            raise MedTransferError(f"model.num_classes is {cfg.model.num_classes} but the boxes of {dataset.root} "
+                                   f"use classes up to {declared}; set model.num_classes to {declared} (or unset it)")
+        return cfg.model.num_classes or declared, False
     top = cache.label_max() if cache is not None and cfg.model.task == "segmentation" else None
     if cfg.model.num_classes is not None:
         if top is not None and top >= cfg.model.num_classes:
@@ -328,6 +348,28 @@ def _train_sampler(n: int, seed: int):
     return EpochShuffleSampler(n, seed=seed)
 
 
+def detection_channels(cfg: FinetuneConfig, cache, case_id: str, dims: int) -> int:
+    """Input channels of a detector: the prepared images' (a 2.5D case is K slices as channels), said when it
+    differs from ``model.in_channels``'s default; a contradicting explicit value is refused."""
+    image, _, _ = cache.load(case_id)
+    channels = int(image.shape[0]) if image.ndim == dims + 1 else 1
+    if channels != cfg.model.in_channels:
+        if "in_channels" in cfg.model.model_fields_set:
+            raise MedTransferError(f"model.in_channels is {cfg.model.in_channels} but the prepared images have "
+                                   f"{channels} channel(s) (case {case_id}); leave in_channels unset")
+        log.warning("model.in_channels %d: taken from the prepared images (case %s has %d channels)",
+                    channels, case_id, channels)
+    return channels
+
+
+def build_detection(run: dict[str, Any], cfg: FinetuneConfig, pretrained: Any):
+    """``(model, loss, postprocess)`` of a detection run (train/detector.py)."""
+    from .detector import build_detector
+
+    return build_detector(cfg.model.name, spatial_dims=run["spatial_dims"], in_channels=run["in_channels"],
+                          num_classes=run["num_classes"], pretrained=pretrained, detector=run["detector"])
+
+
 def _build_model(run: dict[str, Any], cfg: FinetuneConfig, pretrained: Any):
     from ..zoo.builder import create_model
 
@@ -384,7 +426,7 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     from .losses import build_loss
     from .metrics import build_metrics, metric_for
     from .optim import build_optimizer, build_scheduler
-    from .torchdata import CaseDataset, PatchDataset, make_loader
+    from .torchdata import BoxPatchDataset, CaseDataset, PatchDataset, make_loader, max_boxes
 
     from ..data.modality import dataset_modality
 
@@ -403,7 +445,8 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     seed = cfg.train.seed
     task = cfg.model.task
     if task == "features":
-        raise MedTransferError("model.task: 'features' has no training target; use segmentation or classification")
+        raise MedTransferError("model.task: 'features' has no training target; use segmentation, classification "
+                               "or detection")
     check_weights(cfg)  # before the data check, the phantoms and the cache: nothing is written for a wrong file
     out.mkdir(parents=True, exist_ok=True)
 
@@ -424,6 +467,9 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     targets = None
     if task == "classification":
         targets = {c.case_id: c.target for c in dataset.cases}
+    if task == "detection" and cfg.loss.name != "auto":
+        raise MedTransferError(f"loss.name {cfg.loss.name!r}: a detector has its own loss (focal or BCE "
+                               "classification + smooth-L1 boxes); choose it with model.detector.cls_loss")
     if resume:  # the split of a run is written once: the resumed steps train on the cases the first ones did
         split = Split.load(out / "split.json")
     else:
@@ -447,9 +493,19 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
            "spatial_dims": dataset.spatial_dims, "pipeline": pipeline.to_dict(), "cache": str(cache_dir),
            "data_path": str(data_path), "data_format": cfg.data.format}
     torch.manual_seed(seed)
-    model = _build_model(run, cfg, _pretrained_value(cfg))
-    run["arch_kwargs"] = dict(model.arch_kwargs)
-    run["divisor"] = list(model_divisor(model, dataset.spatial_dims))
+    if task == "detection":
+        run["in_channels"] = detection_channels(cfg, cache, split.train[0], dataset.spatial_dims)
+        run["detector"] = dict(cfg.model.detector)
+        run["protocol"] = "luna16" if dataset.spatial_dims == 3 else "deeplesion"
+        model, det_loss, postprocess = build_detection(run, cfg, _pretrained_value(cfg))
+        run["divisor"] = list(model.size_divisible)
+        run["n_max"] = max_boxes(cache, [c.case_id for c in dataset.cases])
+        if main:
+            log.warning("detector: %s", model.describe())
+    else:
+        model = _build_model(run, cfg, _pretrained_value(cfg))
+        run["arch_kwargs"] = dict(model.arch_kwargs)
+        run["divisor"] = list(model_divisor(model, dataset.spatial_dims))
     patch = tuple(contract["patch_size"])
     if task == "segmentation" and any(p % d for p, d in zip(patch, run["divisor"])):
         raise MedTransferError(f"data.patch_size {list(patch)} must be a multiple of {run['divisor']} on every axis "
@@ -464,7 +520,10 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
             if model.load_report is not None:
                 _write_json(out / "load_report.json", model.load_report.to_dict())
 
-    if task == "segmentation":
+    if task == "detection":
+        train_ds = BoxPatchDataset(cache, split.train, patch, n_max=run["n_max"], seed=seed)
+        val_ds = BoxPatchDataset(cache, split.val, patch, n_max=run["n_max"], seed=seed + 1) if split.val else None
+    elif task == "segmentation":
         train_ds = PatchDataset(cache, split.train, patch, seed=seed)
         val_ds = PatchDataset(cache, split.val, patch, seed=seed + 1) if split.val else None
     else:
@@ -477,9 +536,16 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
                                workers=cfg.data.workers, drop_last=lone)
     val_loader = make_loader(val_ds, batch_size=cfg.data.batch_size, workers=cfg.data.workers) if val_ds else None
 
-    loss_fn = build_loss(_loss_name(cfg, multilabel), task=task, num_classes=num_classes, **cfg.loss.kwargs)
-    metrics = build_metrics(task, num_classes=num_classes, multilabel=multilabel)
-    monitor = ("loss", "min") if cfg.train.monitor == "loss" else metric_for(task, multilabel=multilabel)
+    if task == "detection":
+        from .detection_metrics import DetectionMetrics
+
+        loss_fn = det_loss
+        metrics = DetectionMetrics(postprocess, num_classes=num_classes, protocol=run["protocol"])
+        monitor = ("loss", "min") if cfg.train.monitor == "loss" else ("cpm", "max")
+    else:
+        loss_fn = build_loss(_loss_name(cfg, multilabel), task=task, num_classes=num_classes, **cfg.loss.kwargs)
+        metrics = build_metrics(task, num_classes=num_classes, multilabel=multilabel)
+        monitor = ("loss", "min") if cfg.train.monitor == "loss" else metric_for(task, multilabel=multilabel)
     optimizer = build_optimizer(model, cfg.optim)
     steps_per_epoch = max(1, -(-len(train_loader) // cfg.train.accum_steps))
     total = cfg.train.max_steps

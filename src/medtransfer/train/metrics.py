@@ -50,14 +50,16 @@ __all__ = [
 def metric_for(task: str, *, multilabel: bool = False) -> tuple[str, str]:
     """The default validation metric for a task and whether higher is better ("max") or lower ("min").
 
-    ``task``: "segmentation", "classification" (single-label unless ``multilabel``) or "multilabel"."""
+    ``task``: "segmentation", "classification" (single-label unless ``multilabel``), "multilabel" or "detection"."""
     if task == "segmentation":
         return "dice_mean", "max"
     if task == "multilabel" or (task == "classification" and multilabel):
         return "auc_mean", "max"
     if task == "classification":
         return "accuracy", "max"
-    raise ValueError(f"task must be 'segmentation', 'classification' or 'multilabel', got {task!r}")
+    if task == "detection":  # train/detection_metrics.py: mean sensitivity over the protocol's FP rates
+        return "cpm", "max"
+    raise ValueError(f"task must be 'segmentation', 'classification', 'multilabel' or 'detection', got {task!r}")
 
 
 def _nanmean(values: Iterable[float]) -> float:

@@ -95,6 +95,38 @@ _RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "train": {"max_epochs": 200, "early_stop_patience": 20},
         },
     },
+    # MP3D configs/deeplesion (mmdet 2x schedule): SGD 0.02 momentum 0.9 wd 1e-4, linear warm-up over 500
+    # iterations from 1/3, lr x 0.1 at epochs 16 and 22 of 24, gradient clip 35; RPN anchors scale 4, ratios
+    # 0.5/1/2 on strides 4..64. Here the anchors go to the RetinaNet (MP3D is a Faster R-CNN), scale x stride.
+    "mp3d": {
+        "common": {},
+        "detection": {
+            "model": {"detector": {"anchor_scale": 4.0, "anchor_ratios": [0.5, 1.0, 2.0]}},
+            "optim": {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4},
+            "schedule": {"name": "multistep", "milestones": [16, 22], "gamma": 0.1, "interval": "epoch",
+                         "warmup_steps": 500, "warmup": "linear", "warmup_start_factor": 1 / 3},
+            "train": {"max_epochs": 24, "grad_clip": 35.0},
+        },
+    },
+    # MONAI's LUNA16 RetinaNet (Project-MONAI/model-zoo models/lung_nodule_ct_detection/configs/train.json):
+    # anchor shapes (6,8,4), (8,6,5), (10,10,6) doubled per level, ATSS 4 candidates, hard-negative sampler 64 per
+    # image / 0.3 positive / pool 20 / min 16, BCE classification (the detector's default) + smooth-L1 boxes, box
+    # selection score 0.02, NMS 0.22, 300 per image; SGD 0.01 momentum 0.9 wd 3e-5, StepLR 150 epochs x 0.1, 300
+    # epochs, validation every 10 epochs. Departures: no Nesterov momentum (OptimConfig has none) and no 10-epoch
+    # warm-up (warm-up counts optimiser steps here; set schedule.warmup_steps to 10 epochs' worth).
+    "monai_luna": {
+        "common": {},
+        "detection": {
+            "model": {"detector": {"anchor_shapes": [[6, 8, 4], [8, 6, 5], [10, 10, 6]], "cls_loss": "bce",
+                                   "atss_candidates": 4, "score_thresh": 0.02, "nms_thresh": 0.22,
+                                   "detections_per_image": 300,
+                                   "hard_negative": {"batch_size_per_image": 64, "positive_fraction": 0.3,
+                                                     "pool_size": 20, "min_neg": 16}}},
+            "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 3e-5},
+            "schedule": {"name": "step", "step_size": 150, "gamma": 0.1, "interval": "epoch"},
+            "train": {"max_epochs": 300, "val_every": 10},
+        },
+    },
 }
 
 # Sections whose parameters only make sense for the recipe's own choice of ``name``.

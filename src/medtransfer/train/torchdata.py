@@ -2,7 +2,8 @@
 
 Batches are dicts ``{"image": float32 (N, C, *spatial), "label": ..., "case_id": list[str]}`` as the training loop
 (``train/loop.py``) expects: segmentation labels are int64 ``(N, *spatial)``, classification targets int64 ``(N,)``
-(one class per case) or float32 ``(N, K)`` (multi-label 0/1 vectors).
+(one class per case) or float32 ``(N, K)`` (multi-label 0/1 vectors), detection targets float32
+``(N, n_max, 2 * dims + 1)`` (voxel corner box + 1-based label, rows of -1 padding; :class:`BoxPatchDataset`).
 
 Reproducibility: a patch depends only on ``(seed, epoch, index)``; each item draws from its own
 ``np.random.default_rng([seed, epoch, index])``, so the patches do not depend on worker count, on item order or on
@@ -132,6 +133,68 @@ class CaseDataset(Dataset):
             label = torch.tensor(int(target), dtype=torch.int64)
         return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)), "label": label,
                 "case_id": case_id}
+
+
+def max_boxes(cache: PreparedCache, case_ids: Sequence[str]) -> int:
+    """The most boxes any of ``case_ids`` has (at least 1): the row count of the padded detection targets."""
+    return max([len(cache.boxes(c)[0]) for c in case_ids] + [1])
+
+
+class BoxPatchDataset(Dataset):
+    """Detection patches (2D, 2.5D or 3D): one crop per case per epoch with the boxes inside it.
+
+    With probability ``pos_ratio`` (and when the case has boxes) the crop holds one of its boxes, drawn uniformly,
+    whole where the patch is large enough (the box sits anywhere in the patch; MONAI's ``RandCropBoxByPosNegLabeld``
+    with ``whole_box``), so that small lesions are seen; else the crop is uniform. Boxes are shifted into the crop,
+    clipped to it, and those left empty are dropped. ``label``: float32 ``(n_max, 2 * dims + 1)``, box (voxel
+    corners, array order) + 1-based label, rows of -1 padding.
+    """
+
+    def __init__(self, cache: PreparedCache, case_ids: Sequence[str], patch_size: Sequence[int], *, n_max: int,
+                 seed: int = 0, pos_ratio: float = 0.5, pad_value: float = 0.0) -> None:
+        if not case_ids:
+            raise MedTransferError("BoxPatchDataset: no cases (the split left this part empty)")
+        self.cache, self.case_ids = cache, list(case_ids)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.n_max, self.seed, self.pos_ratio, self.pad_value = int(n_max), int(seed), float(pos_ratio), float(pad_value)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def _start(self, shape: Sequence[int], boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        size = np.asarray(self.patch_size)
+        top = np.maximum(np.asarray(shape) - size, 0)  # a patch larger than the image starts at 0 (padded after)
+        d = len(size)
+        if len(boxes) and rng.random() < self.pos_ratio:
+            box = boxes[rng.integers(len(boxes))]
+            lo = np.clip(np.ceil(box[d:] - size), 0, top)  # start at most this low keeps the box's far end inside
+            hi = np.clip(np.floor(box[:d]), 0, top)
+            lo = np.minimum(lo, hi)  # a box larger than the patch: any start that overlaps it
+            return np.array([rng.integers(a, b + 1) for a, b in zip(lo.astype(int), hi.astype(int))])
+        return np.array([rng.integers(0, t + 1) for t in top])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case_id = self.case_ids[index]
+        image, _, _ = self.cache.load(case_id)
+        boxes, labels = self.cache.boxes(case_id)
+        d = len(self.patch_size)
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        start = self._start(image.shape[-d:], boxes, rng)
+        img = extract_patch(_with_channels(np.asarray(image, dtype=np.float32), d), start, self.patch_size,
+                            self.pad_value)
+        shifted = boxes.astype(np.float64) - np.concatenate([start, start])
+        lo = np.clip(shifted[:, :d], 0, self.patch_size)
+        hi = np.clip(shifted[:, d:], 0, self.patch_size)
+        keep = (hi > lo).all(axis=1)
+        rows = np.concatenate([lo[keep], hi[keep], labels[keep, None].astype(np.float64)], axis=1)
+        label = np.full((self.n_max, 2 * d + 1), -1.0, np.float32)
+        label[:len(rows)] = rows[: self.n_max]
+        return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
+                "label": torch.from_numpy(label), "case_id": case_id}
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

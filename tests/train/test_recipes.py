@@ -17,9 +17,9 @@ def _cfg(name: str, task: str, **sections) -> FinetuneConfig:
 
 
 def test_recipe_names_and_tasks():
-    assert list_recipes() == ["benchmark2d", "genesis", "medicalnet", "vdt", "volf"]
+    assert list_recipes() == ["benchmark2d", "genesis", "genesis_ncc", "medicalnet", "vdt", "volf"]
     assert recipe_tasks("volf") == ("segmentation",)
-    assert len(SUPPORTED) == 9
+    assert len(SUPPORTED) == 10
 
 
 @pytest.mark.parametrize("name, task", SUPPORTED)

@@ -218,3 +218,24 @@ def test_evaluate_calls_froc_with_the_points_form_of_the_agreed_signature(ncc, m
     assert {d[0] for d in detections} == {"1.3.6.0", "1.3.6.1", "1.3.6.2"}
     assert json.loads((out / "summary.json").read_text())["froc"] == {
         "sensitivity@1": 0.5, "cpm": 0.25, "n_scans": 3, "lesions": 9, "every_candidate_of_those_scans_scored": True}
+
+
+def test_resume_mid_epoch_under_balanced_sampling_ends_with_the_same_weights(ncc, tmp_path):
+    from medtransfer.train.checkpoint import read_run_checkpoint
+
+    root, _ = ncc
+
+    def cfg(out, steps):
+        return resolve({
+            "model": {"name": "medicalnet_resnet10", "task": "classification"}, "recipe": "genesis_ncc",
+            "data": {"path": str(root / "cubes" / "candidates.csv"), "patch_size": [8, 16, 16], "batch_size": 6,
+                     "val_fraction": 0.25},
+            "train": {"max_epochs": 3, "max_steps": steps, "val_every": 3, "val_interval": "step", "seed": 1},
+            "out": str(out)})
+
+    whole = run_finetune(cfg(tmp_path / "whole", 8), progress=False)
+    cut = run_finetune(cfg(tmp_path / "cut", 4), progress=False)  # step 4 of 5 per epoch: mid-epoch
+    run_finetune(cfg(tmp_path / "cut", 8), resume=True, progress=False)
+    a = read_run_checkpoint(whole / "checkpoints" / "last.pt")["model"]
+    b = read_run_checkpoint(cut / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

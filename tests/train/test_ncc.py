@@ -157,13 +157,11 @@ def test_ncc_fine_tune_balanced_lowers_the_loss_and_evaluate_reports_auc_and_fro
         cases = list(csv.DictReader(f))
     assert [int(c["prediction"]) for c in cases] == [int(float(s["probability"]) > 0.5) for s in submission]
     froc = summary["froc"]
-    try:
-        import medtransfer.train.detection_metrics  # noqa: F401
-    except ImportError:
-        assert froc == {"skipped": "needs medtransfer.train.detection_metrics (not in this build)"}
-    else:
-        assert froc["n_scans"] == 3 and froc["lesions"] == 9 and froc["every_candidate_of_those_scans_scored"]
-        assert set(froc) >= {"cpm", "sensitivity@0.125", "sensitivity@8"}
+    assert froc["n_scans"] == 3 and froc["lesions"] == 9 and froc["every_candidate_of_those_scans_scored"]
+    fps = ("0.125", "0.25", "0.5", "1", "2", "4", "8")
+    assert set(froc) == {"cpm", "n_scans", "lesions", "every_candidate_of_those_scans_scored",
+                         *(f"sensitivity@{fp}" for fp in fps)}
+    assert froc["cpm"] == pytest.approx(np.mean([froc[f"sensitivity@{fp}"] for fp in fps]))
 
 
 def test_single_logit_predictions_are_the_sign_of_the_logit(ncc, monkeypatch):
@@ -182,35 +180,50 @@ def test_single_logit_predictions_are_the_sign_of_the_logit(ncc, monkeypatch):
         assert {r["probability"] for r in csv.DictReader(f)} == {"0.880797"}  # sigmoid(2)
 
 
-def test_froc_of_the_candidate_scores():
-    pytest.importorskip("medtransfer.train.detection_metrics", reason="needs detection_metrics")
-    from medtransfer.train.detection_metrics import froc
+def test_froc_of_the_candidate_scores_by_hand(ncc, monkeypatch):
+    """Scores chosen per candidate: the 9 nodule candidates all score above every false one except one false
+    candidate per scan that scores highest. Sorted by score: 3 FPs (one per scan, 1 FP per scan), then the 9 nodules,
+    then 24 FPs. LUNA16's curve: sensitivity 0 up to 1 FP/scan, 1 from there: at 1/8..1/2 the linear interpolation
+    between (0, 0) and (1, 0) is 0; at 1, 2, 4, 8 it is 1 -> CPM 4/7."""
+    root, run = ncc
+    cfg, info, _ = apply._load_run(run)
+    with (root / "cubes" / "candidates.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    first_false = {}
+    for r in rows:
+        if r["class"] == "0":
+            first_false.setdefault(r["seriesuid"], r["case_id"])
+    score = {r["case_id"]: 10.0 if r["case_id"] in first_false.values() else (5.0 if r["class"] == "1" else -5.0)
+             for r in rows}
+    order = iter(r["case_id"] for r in rows)  # evaluate scores the cases in the table's order
 
-    # 2 scans, 2 nodules; the nodule candidates score highest, then one false positive per scan
-    detections = [("a", 0.9, (0.0, 0.0, 0.0)), ("b", 0.8, (10.0, 0.0, 0.0)), ("a", 0.5, (50.0, 0.0, 0.0)),
-                  ("b", 0.4, (60.0, 0.0, 0.0))]
-    lesions = [("a", (1.0, 0.0, 0.0), 3.0), ("b", (10.0, 2.0, 0.0), 3.0)]
-    got = froc(detections, lesions, n_scans=2, hit="centre_in_radius")
-    assert got["sensitivity@0.125"] == 1.0 and got["cpm"] == 1.0
+    class ByCase(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[score[next(order)]]])
+
+    monkeypatch.setattr(apply, "_load_run", lambda run_dir: (cfg, info, ByCase()))
+    monkeypatch.setattr("medtransfer.data.cache.PreparedCache.case_ids", lambda self: [r["case_id"] for r in rows])
+    froc = json.loads((evaluate(run, split="all", overwrite=True) / "summary.json").read_text())["froc"]
+    assert [froc[f"sensitivity@{fp}"] for fp in ("0.125", "0.25", "0.5", "1", "2", "4", "8")] == [0, 0, 0, 1, 1, 1, 1]
+    assert froc["cpm"] == pytest.approx(4 / 7)
 
 
-def test_evaluate_calls_froc_with_the_points_form_of_the_agreed_signature(ncc, monkeypatch):
-    """The call of DETECTION_API.md (froc(detections, lesions, *, n_scans, hit)), checked with a stand-in until
-    detmodel's detection_metrics is merged."""
+def test_evaluate_gives_froc_points_the_candidates_and_the_nodules_of_their_scans(ncc, monkeypatch):
     import sys
     import types
 
     root, run = ncc
     calls = []
 
-    def froc(detections, lesions, *, n_scans, hit="centre_in_radius", **kwargs):
-        calls.append((detections, lesions, n_scans, hit))
+    def froc_points(candidates, nodules, *, n_scans, **kwargs):
+        calls.append((candidates, nodules, n_scans))
         return {"sensitivity@1": 0.5, "cpm": 0.25}
 
-    monkeypatch.setitem(sys.modules, "medtransfer.train.detection_metrics", types.SimpleNamespace(froc=froc))
+    monkeypatch.setitem(sys.modules, "medtransfer.train.detection_metrics",
+                        types.SimpleNamespace(froc_points=froc_points))
     out = evaluate(run, split="all", overwrite=True)
-    (detections, lesions, n_scans, hit), = calls
-    assert n_scans == 3 and hit == "centre_in_radius" and len(detections) == 36 and len(lesions) == 9
+    (detections, lesions, n_scans), = calls
+    assert n_scans == 3 and len(detections) == 36 and len(lesions) == 9
     with (root / "luna" / "annotations.csv").open() as f:
         first = next(csv.DictReader(f))
     assert lesions[0] == (first["seriesuid"], tuple(float(first[k]) for k in ("coordX", "coordY", "coordZ")),

@@ -24,9 +24,10 @@ step (as its pretraining cubes, which use the native spacing), so the default is
 (linear) on a grid centred exactly on the candidate. Where the cube overhangs the scan it is padded with -1000 HU.
 
 **Intensity.** The cubes hold HU clipped to the window [-1000, 1000] as int16 (exact for LUNA16's integer HU at the
-native spacing; resampled cubes are rounded to the HU). The scaling to [0, 1] is the ``genesis_ct`` preset, which a
-fine-tune of CT data takes by default (the data's minimum is below -500 HU) and which is the contract of the Models
-Genesis weights: stored already scaled, the cubes would be windowed a second time by the run's preset.
+native spacing; resampled cubes are rounded to the HU), uncompressed (263 KB a cube of the published size). The
+scaling to [0, 1] is the ``genesis_ct`` preset, which a fine-tune of CT data takes by default (the data's minimum is
+below -500 HU) and which is the contract of the Models Genesis weights: stored already scaled, the cubes would be
+windowed a second time by the run's preset.
 
 **Skips.** A candidate whose ``seriesuid`` has no scan in the folder (LUNA16 is often downloaded a few subsets at a
 time), or whose centre lies outside its scan, is a counted skip, listed in ``skipped.json`` and said in a warning;
@@ -211,8 +212,9 @@ def extract_candidates(luna_dir: str | Path, candidates: str | Path, out: str | 
     folders, when given) and write the dataset folder of the module docstring into ``out``.
 
     ``annotations``: LUNA16's ``annotations.csv`` (default: ``luna_dir/annotations.csv`` when it exists); its
-    nodules are recorded in ``ncc.json`` for the FROC of ``evaluate``. Everything is checked (the list, the scans,
-    the outputs) before anything is written; scans are read one at a time."""
+    nodules are recorded in ``ncc.json`` for the FROC of ``evaluate``. The list, which scans exist and the outputs
+    are checked before anything is written; scans are read one at a time, and a scan that cannot be read stops the
+    extraction naming it, before ``candidates.csv`` (written last) exists."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -334,7 +336,7 @@ def read_table(data_path: str | Path) -> dict[str, dict[str, Any]]:
 
 def froc_inputs(scores: Mapping[str, float], table: Mapping[str, Mapping[str, Any]],
                 manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The points form of ``train.detection_metrics.froc`` for scored candidates.
+    """The arguments of ``train.detection_metrics.froc_points`` for scored candidates.
 
     ``detections``: ``(seriesuid, score, (x, y, z))`` per scored case; ``lesions``: ``(seriesuid, (x, y, z),
     radius = diameter / 2)`` for every nodule of the scans that have a scored candidate; ``n_scans``: those scans.

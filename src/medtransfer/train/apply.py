@@ -254,8 +254,9 @@ def evaluate(
 
 def _candidate_froc(data: str | Path, scores: dict[str, float], out: Path) -> Optional[dict[str, Any]]:
     """For a nodule candidate dataset (``medtransfer data candidates``, data/candidates.py): the FROC of the
-    candidate scores (a hit: a candidate centre within a nodule's radius; sensitivity at 1/8..8 false positives per
-    scan and their mean, LUNA16's CPM) and ``luna16_submission.csv`` for LUNA16's own evaluation script. None for
+    candidate scores (:func:`~medtransfer.train.detection_metrics.froc_points`: a hit is a candidate centre within a
+    nodule's radius; sensitivity at 1/8..8 false positives per scan and their mean, LUNA16's CPM) and
+    ``luna16_submission.csv`` for LUNA16's own evaluation script. None for
     any other dataset."""
     from ..data.candidates import froc_inputs, read_manifest, read_table, write_luna_submission
 
@@ -266,13 +267,10 @@ def _candidate_froc(data: str | Path, scores: dict[str, float], out: Path) -> Op
     write_luna_submission(out / "luna16_submission.csv", scores, table)
     if manifest.get("nodules") is None:
         return {"skipped": "the extraction had no annotations.csv, so there are no nodules to score against"}
+    from .detection_metrics import froc_points
+
     points = froc_inputs(scores, table, manifest)
-    try:
-        from .detection_metrics import froc
-    except ImportError:
-        log.warning("FROC of the candidates skipped: needs medtransfer.train.detection_metrics (not in this build)")
-        return {"skipped": "needs medtransfer.train.detection_metrics (not in this build)"}
-    result = froc(points["detections"], points["lesions"], n_scans=points["n_scans"], hit="centre_in_radius")
+    result = froc_points(points["detections"], points["lesions"], n_scans=points["n_scans"])
     return {**result, "n_scans": points["n_scans"], "lesions": len(points["lesions"]),
             "every_candidate_of_those_scans_scored": points["complete"]}
 

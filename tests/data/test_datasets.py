@@ -431,7 +431,7 @@ def test_wrong_format_and_unknown_options_are_refused(tmp_path):
     msd_fixture(tmp_path)
     with pytest.raises(DataError, match=r"unknown dataset format 'decathlon'; use 'auto' or one of: msd, nnunet"):
         load_dataset(tmp_path, format="decathlon")
-    with pytest.raises(DataError, match=r"unknown option\(s\) rooot for format 'msd'; accepted: name"):
+    with pytest.raises(DataError, match=r"unknown option\(s\) rooot for format 'msd'; accepted: boxes_from, name"):
         load_dataset(tmp_path, rooot="x")
     with pytest.raises(DataError, match="format 'csv' reads a list file"):
         load_dataset(tmp_path, format="csv")

@@ -18,27 +18,36 @@ data_app = typer.Typer(
 )
 
 
-def _load_dataset(path: Path, fmt: str):
+def _load_dataset(path: Path, fmt: str, **options):
     from ..data.datasets import load_dataset
     from ..errors import MedTransferError
 
     try:
-        return load_dataset(path, format=fmt)
+        return load_dataset(path, format=fmt, **{k: v for k, v in options.items() if v is not None})
     except MedTransferError as exc:
         _fail(exc)
 
 
 @data_app.command("inspect")
 def data_inspect(
-    path: Path = typer.Argument(..., help="A dataset: MSD or nnU-Net folder, list/CSV file, LUNA16 root, image folder."),
+    path: Path = typer.Argument(..., help="A dataset: MSD or nnU-Net folder, list/CSV file, LUNA16 root, DeepLesion "
+                                "root, MONAI detection datalist, image folder."),
     fmt: str = typer.Option("auto", "--format", help="Layout; 'auto' detects it."),
+    task: Optional[str] = typer.Option(None, "--task", help="LUNA16: 'detection' checks the nodule boxes of "
+                                       "annotations.csv (CSV: the task of its columns)."),
+    boxes_from: Optional[str] = typer.Option(None, "--boxes-from", help="Segmentation layouts: check the boxes "
+                                             "of the masks' objects, 'labels' (connected components per class) or "
+                                             "'instances' (each mask value one object)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     workers: Optional[int] = typer.Option(None, help="Threads reading cases (default: up to 8)."),
 ) -> None:
-    """Summarise a dataset and list every problem with its file and fix. Exits 1 when training would break."""
+    """Summarise a dataset and list every problem with its file and fix. Exits 1 when training would break.
+
+    Detection datasets: every box is checked (coordinate count, positive size, inside its scan, declared label),
+    and every case for its scan (and DeepLesion's neighbouring slices)."""
     from ..data.check import check_dataset
 
-    dataset = _load_dataset(path, fmt)
+    dataset = _load_dataset(path, fmt, task=task, boxes_from=boxes_from)
     report = check_dataset(dataset, workers=workers, progress=not as_json and sys.stderr.isatty())
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
@@ -94,6 +103,11 @@ def _print_data_report(report) -> None:
                       "uses this unless model.num_classes is set)", highlight=False)
     if "class_balance" in summary:
         console.print(f"  classes      : {summary['class_balance']}", highlight=False)
+    if "boxes" in summary:
+        b = summary["boxes"]
+        names = ", ".join(f"{k} {v}" for k, v in sorted(report.labels.items()))
+        console.print(f"  boxes        : {b['total']} ({names}); {b['cases_without_boxes']} cases without any, "
+                      f"at most {b['max_per_case']} in a case", highlight=False)
     if not report.problems:
         console.print("[green]  no problems found[/]")
         return

@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import DataError, MedTransferError
 from ..provenance import sha256_file
 from ..weights.io import atomic_write
+from .datasets.detection import case_reader
 from .preprocess import Pipeline
 from .types import Case, Dataset, Image
 
@@ -108,6 +109,19 @@ class PreparedCache:
         """``(image memmap, label memmap or None, meta)``; nothing is read until the arrays are indexed."""
         return self.case(case_id).load()
 
+    def boxes(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(voxel boxes (N, 2 * dims) float32 on the prepared array, labels (N,) int64)`` of a detection case
+        (corner mode, array order, voxel ``i`` spans ``[i, i + 1)``: :mod:`medtransfer.data.boxes`)."""
+        meta = self.case(case_id).meta
+        if "boxes" not in meta:
+            raise DataError(
+                f"case {case_id!r} in the cache at {self.root} was prepared without boxes (not a detection case); "
+                "load the dataset for detection (e.g. format luna16 with task='detection') and prepare it again"
+            )
+        dims = int(meta.get("spatial_dims", 3))
+        boxes = np.asarray(meta["boxes"], np.float32).reshape(-1, 2 * dims)
+        return boxes, np.asarray(meta["box_labels"], np.int64).reshape(-1)
+
     def label_max(self) -> int | None:
         """The largest label value over the cached cases (None without labels), from the values the manifest
         records; a case prepared before they were recorded has its label array read."""
@@ -178,30 +192,36 @@ class PreparedCache:
         old_cases: dict[str, Any] = _read_manifest(self.manifest_path)["cases"]
         recipe = {"format": CACHE_FORMAT, "medtransfer": __version__, "pipeline": pipeline.to_dict()}
         failures: dict[str, str] = {}
-        fingerprints = self._fingerprint_all(dataset.cases, old_cases, workers, failures)
+        reader = self.reader if self.reader is not None else case_reader(dataset)
+        fingerprints = self._fingerprint_all(dataset.cases, old_cases, workers, failures, _extra_files(dataset))
         entries: dict[str, Any] = {}
         jobs: list[_Job] = []
         for case in dataset.cases:
             if case.case_id in failures:
                 continue
             sources, label_source = fingerprints[case.case_id]
-            key = _digest({**recipe, "images": [s["sha256"] for s in sources],
-                           "label": label_source["sha256"] if label_source else None})[:16]
+            keyed = {**recipe, "images": [s["sha256"] for s in sources],
+                     "label": label_source["sha256"] if label_source else None}
+            if case.boxes is not None:  # only detection cases: the keys of the other caches stay what they were
+                keyed["boxes"] = [list(case.boxes), list(case.box_labels or ())]
+            key = _digest(keyed)[:16]
             previous = old_cases.get(case.case_id)
             if previous and previous["key"] == key and _files_exist(self.root, previous):
                 entries[case.case_id] = {**previous, "sources": sources, "label_source": label_source,
                                          "meta": {**previous["meta"], "target": _jsonable(case.target)}}
                 continue
-            jobs.append(_Job(case, key, pipeline, self.reader, self.root, sources, label_source))
+            # a dataset's reader cut down to this case, so a job pickles one case's slice list, not the dataset's
+            own = reader.for_case(case) if hasattr(reader, "for_case") else reader
+            jobs.append(_Job(case, key, pipeline, own, self.root, sources, label_source))
         return recipe, entries, jobs, failures
 
-    def _fingerprint_all(self, cases: list[Case], old: dict[str, Any], workers: int,
-                         failures: dict[str, str]) -> dict[str, tuple[list[dict], dict | None]]:
+    def _fingerprint_all(self, cases: list[Case], old: dict[str, Any], workers: int, failures: dict[str, str],
+                         extra: dict[str, list[str]]) -> dict[str, tuple[list[dict], dict | None]]:
         known = {s["path"]: s for e in old.values() for s in [*e.get("sources", []), e.get("label_source")] if s}
         known.update(self._hashed)  # what pending() just hashed is not hashed again by prepare()
 
         def one(case: Case) -> tuple[list[dict], dict | None]:
-            sources = [_fingerprint(Path(p), known) for p in case.images]
+            sources = [_fingerprint(Path(p), known) for p in (*case.images, *extra.get(case.case_id, ()))]
             return sources, (_fingerprint(Path(case.label), known) if case.label is not None else None)
 
         result: dict[str, tuple[list[dict], dict | None]] = {}
@@ -258,6 +278,15 @@ def _progress_bar(enabled: bool):
     console = Console(stderr=True)
     return Progress(TextColumn("preparing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=console, disable=not (enabled and console.is_terminal), transient=True)
+
+
+def _extra_files(dataset: Dataset) -> dict[str, list[str]]:
+    """Files a case's reader reads besides its images (DeepLesion: the neighbouring slices), so that a changed
+    neighbour changes the case's key too."""
+    if dataset.format != "deeplesion":
+        return {}
+    slices = dataset.description.get("slices", {})
+    return {c.case_id: list(slices.get(c.case_id, ())) for c in dataset.cases}
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -365,7 +394,29 @@ def _prepare_case(job: _Job) -> dict[str, Any]:
     }
     if label is not None:
         entry["meta"]["label_values"] = _label_values(np.asarray(label.array))
+    if job.case.boxes is not None:
+        boxes, labels = _prepared_boxes(job.case, image)
+        entry["meta"]["boxes"], entry["meta"]["box_labels"] = boxes.tolist(), labels.tolist()
     return entry
+
+
+def _prepared_boxes(case: Case, image: Image) -> tuple[np.ndarray, np.ndarray]:
+    """The world boxes of ``case`` as voxel boxes of the prepared ``image``, clipped to it; a box left with no
+    volume (outside the image after cropping) is dropped with a warning naming the case."""
+    from .boxes import clip_boxes, world_to_voxel
+    from .geometry import Grid
+
+    grid = Grid.of(image)
+    labels = np.asarray(case.box_labels if case.box_labels is not None else [1] * len(case.boxes), np.int64)
+    if len(labels) != len(case.boxes):
+        raise DataError(f"case {case.case_id!r}: {len(case.boxes)} boxes but {len(labels)} box labels; give one "
+                        "label per box")  # fmt: skip
+    voxel = world_to_voxel(case.boxes, grid) if len(case.boxes) else np.zeros((0, 2 * grid.dims))
+    clipped, keep = clip_boxes(voxel, grid.shape)
+    if not keep.all():
+        log.warning("case %r: %d of %d boxes lie outside the prepared image (shape %s) and are dropped: %s",
+                    case.case_id, int((~keep).sum()), len(keep), grid.shape, voxel[~keep].round(2).tolist())
+    return clipped[keep].astype(np.float32), labels[keep]
 
 
 def _label_values(label: np.ndarray) -> list[int]:

@@ -49,6 +49,7 @@ class CaseStats:
     orientation: str = ""  # axis codes as stored on disk (x, y, z order), e.g. "LPS", "RAS"
     oblique: bool = False
     slice_gaps: dict[str, float] | None = None  # DICOM series: min / median / max distance between slice positions
+    boxes: int | None = None  # detection: the case's number of boxes
 
     @property
     def anisotropy(self) -> float:
@@ -119,6 +120,10 @@ class DatasetReport:
                 out["num_classes_from"] = "declared labels" if declared else "label values (no label set declared)"
         if self.class_balance:
             out["class_balance"] = dict(self.class_balance)
+        counted = [c.boxes for c in self.cases if c.boxes is not None]
+        if counted:
+            out["boxes"] = {"total": int(sum(counted)), "cases_without_boxes": sum(n == 0 for n in counted),
+                            "max_per_case": int(max(counted))}
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,10 +170,21 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[CaseStats | None, list[Pr
     if missing:
         return None, problems
 
+    slices = dataset.description.get("slices", {}).get(case.case_id, []) if dataset.format == "deeplesion" else []
+    gone = sorted({p for p in slices if not Path(p).exists()})
+    for path in gone:
+        add("error", Path(path), "neighbouring slice of the key slice is missing", "restore it (Images_png/ of the "
+            "DeepLesion download) or remove the key slice's rows from DL_info.csv")
+    if gone:
+        return None, problems
+
+    from .datasets.detection import case_reader
+
+    read = case_reader(dataset) or _read  # DeepLesion: the slice stack, with DL_info's spacing
     images: list[Image] = []
     for path in case.images:
         try:
-            images.append(_read(Path(path)))
+            images.append(read(Path(path)))
         except DataError as exc:
             add("error", path, f"cannot be read: {exc}", "re-export or copy the file again")
     if len(images) != len(case.images):
@@ -213,6 +229,8 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[CaseStats | None, list[Pr
             if t not in dataset.labels:
                 add("error", None, f"class {t} is not one of the declared classes {sorted(dataset.labels)}",
                     "correct the class or declare it")
+    if case.boxes is not None or dataset.task == "detection":
+        _check_boxes(case, dataset, first, add)
     orientation, oblique = "", False
     if first.spatial_dims == 3:
         from .io import axis_codes
@@ -234,8 +252,57 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[CaseStats | None, list[Pr
         orientation=orientation,
         oblique=oblique,
         slice_gaps=gaps,
+        boxes=len(case.boxes) if case.boxes is not None else None,
     )
     return stats, problems
+
+
+def _box_source(case: Case, dataset: Dataset) -> Path | str | None:
+    """Where a case's boxes are written: the description file, with its row when the reader recorded it."""
+    source = dataset.description.get("source")
+    row = dataset.description.get("rows", {}).get(case.case_id)
+    if dataset.format == "luna16":
+        source = dataset.description.get("annotations_file", source)
+    return f"{source}:{row}" if source and row else source
+
+
+def _check_boxes(case: Case, dataset: Dataset, image: Image, add) -> None:
+    """Each box: the right number of coordinates, a positive size, inside the image, a declared label."""
+    from .boxes import world_to_voxel
+    from .geometry import Grid
+
+    where = _box_source(case, dataset)
+    where = Path(where) if where else None
+    boxes = list(case.boxes or ())
+    labels = list(case.box_labels) if case.box_labels is not None else [1] * len(boxes)
+    dims = image.spatial_dims
+    if len(labels) != len(boxes):
+        add("error", where, f"case {case.case_id}: {len(boxes)} boxes but {len(labels)} box labels",
+            "give every box one label")
+    grid = Grid.of(image)
+    for i, box in enumerate(boxes):
+        what = f"case {case.case_id}, box {i} {tuple(round(float(v), 3) for v in box)}"
+        if len(box) != 2 * dims:
+            add("error", where, f"{what}: {len(box)} coordinates, a {dims}D box has {2 * dims} (centre then size, "
+                "world mm)", "write the box as cx, cy, cz, w, h, d (2D: cx, cy, w, h)")
+            continue
+        if not all(np.isfinite(box)) or min(box[dims:]) <= 0:
+            add("error", where, f"{what}: zero or negative size", "give the box a positive size along every axis")
+            continue
+        voxel = world_to_voxel([box], grid)[0]
+        lo, hi = voxel[:dims], voxel[dims:]
+        shape = np.asarray(grid.shape, float)
+        if (hi <= 0).any() or (lo >= shape).any():
+            add("error", where, f"{what}: lies outside the image {case.images[0]} (voxels {np.round(lo, 1).tolist()} "
+                f"to {np.round(hi, 1).tolist()}, image {list(grid.shape)})", "check the coordinates are world mm "
+                "(LPS, as LUNA16 and MONAI write them) of this scan, not voxel indices or RAS")
+        elif (lo < -0.5).any() or (hi > shape + 0.5).any():
+            add("warning", where, f"{what}: reaches past the image edge (voxels {np.round(lo, 1).tolist()} to "
+                f"{np.round(hi, 1).tolist()}, image {list(grid.shape)})", "it is clipped to the image; check it")
+    undeclared = sorted({int(v) for v in labels} - set(dataset.labels)) if dataset.labels else []
+    if undeclared:
+        add("error", where, f"case {case.case_id}: box labels {undeclared} are not declared classes "
+            f"{sorted(dataset.labels)}", "declare the classes or correct the labels")
 
 
 def _check_label(case: Case, dataset: Dataset, image: Image, label: Image, add) -> dict[int, int]:
@@ -325,6 +392,11 @@ def check_dataset(dataset: Dataset, *, workers: int | None = None, progress: boo
         odd = [c.case_id for c in report.cases if c.channels != channels.most_common(1)[0][0]]
         report.problems.append(Problem("error", None, None, f"inconsistent channel counts {dict(channels)} "
                                        f"(e.g. cases {', '.join(odd[:3])})", "give every case the same channels"))
+    for series in dataset.description.get("annotated_without_scan", []):
+        report.problems.append(Problem(
+            "error", series, dataset.description.get("annotations_file"), f"annotations list series {series} but "
+            "no scan of it is under subset*/", "copy the scan (<seriesuid>.mhd and its .raw/.zraw) into a subset "
+            "folder, or remove its rows from annotations.csv"))
     if dataset.task == "classification":
         report.class_balance = _class_balance(dataset)
         for cls, name in dataset.labels.items():

@@ -19,7 +19,9 @@ Intensity presets match the seed systems (see ``spec/seed-systems.md``):
 * ``mri_zscore``: the same foreground z-score under the name of the MRI modality default (what a run without a
   weights' contract uses on MRI, :mod:`medtransfer.data.modality`), so a record never credits MedicalNet for it;
 * ``zscore``: PyMIC ``NormalizeWithMeanStd``, whole volume, ``(x - mean) / (std + 1e-5)``;
-* ``percentile``: clip to the 0.5 and 99.5 percentiles, then scale to [0, 1].
+* ``percentile``: clip to the 0.5 and 99.5 percentiles, then scale to [0, 1];
+* ``deeplesion``: DeepLesion / MP3D's HU window [-1024, 1050], scaled to [0, 1] (MP3D scales it to [0, 255] and
+  subtracts a mean, an affine change the first convolution absorbs).
 
 Intensity statistics are computed per channel, over the spatial axes.
 """
@@ -372,6 +374,7 @@ PRESETS: dict[str, Step] = {
     "mri_zscore": NonZeroZScore(),  # the MRI modality default (data/modality.py): the same step, its own name
     "zscore": ZScore(1e-5),
     "percentile": PercentileClip(0.5, 99.5),
+    "deeplesion": CTWindow(-1024.0, 1050.0, (0.0, 1.0)),
 }
 
 

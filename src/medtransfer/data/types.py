@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-Task = Literal["segmentation", "classification", "unlabelled"]
+Task = Literal["segmentation", "classification", "unlabelled", "detection"]
 
 
 @dataclass
@@ -48,12 +48,16 @@ class Image:
 class Case:
     """One example of a dataset. ``images`` holds one file per channel (nnU-Net ``_0000``, ``_0001``...), or one
     file holding all channels. ``label``: a segmentation mask file; ``target``: a class index or a multi-label
-    0/1 vector for classification."""
+    0/1 vector for classification. Detection: ``boxes`` are world boxes (LPS mm, MONAI ``cccwhd``: centre x, y, z
+    then size; ``ccwh`` in 2D; see :mod:`medtransfer.data.boxes`), ``box_labels`` their classes (1-based); an empty
+    tuple is a scan without objects, ``None`` a case that is not labelled for detection."""
 
     case_id: str
     images: tuple[Path, ...]
     label: Path | None = None
     target: int | tuple[float, ...] | None = None
+    boxes: tuple[tuple[float, ...], ...] | None = None
+    box_labels: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -62,10 +66,13 @@ class Dataset:
 
     name: str
     root: Path
-    format: str  # "msd", "nnunet", "medicalnet_list", "csv", "folder", "luna16", "image_list_2d", "image_mask_2d"
+    # "msd", "nnunet", "medicalnet_list", "csv", "folder", "luna16", "image_list_2d", "image_mask_2d", "deeplesion",
+    # "monai_detection"
+    format: str
     task: Task
     cases: list[Case]
-    labels: dict[int, str] = field(default_factory=dict)  # segmentation label value -> name, or class index -> name
+    # segmentation label value -> name, class index -> name, or (detection) box class (1-based) -> name
+    labels: dict[int, str] = field(default_factory=dict)
     channel_names: list[str] = field(default_factory=list)
     spatial_dims: int = 3
     test_cases: list[Case] = field(default_factory=list)  # unlabelled test images listed by the description

@@ -23,6 +23,7 @@ from .common import (
     resolve,
     spatial_dims_of,
 )
+from .detection import LUNA_CANDIDATE_FILES, luna_candidates, luna_detection
 
 logger = logging.getLogger(__package__)  # the package's name, as before the split
 
@@ -228,7 +229,10 @@ def load_folder(root: Path, options: Mapping[str, Any]) -> Dataset:
 def load_luna16(root: Path, options: Mapping[str, Any]) -> Dataset:
     """LUNA16: ``subset*/**/*.mhd``, case id = seriesuid. Nodules from ``annotations.csv`` (or ``annotations=``) go to
     ``description["annotations"]`` (seriesuid -> list of {coordX, coordY, coordZ, diameter_mm}, world mm);
-    ``description["subset"]`` maps each case to its subset (LUNA16's official cross-validation folds)."""
+    ``description["subset"]`` maps each case to its subset (LUNA16's official cross-validation folds); candidates
+    from ``candidates.csv`` (or ``candidates_V2.csv``, or ``candidates=``) go to ``description["candidates"]``
+    (seriesuid -> list of {coordX, coordY, coordZ, class}). ``task="detection"`` makes the nodules the cases'
+    boxes (:func:`medtransfer.data.datasets.detection.luna_detection`); by default the scans are unlabelled."""
     cases, subset = [], {}
     for folder in sorted(p for p in root.glob("subset*") if p.is_dir()):
         for mhd in sorted(folder.rglob("*.mhd")):
@@ -237,8 +241,18 @@ def load_luna16(root: Path, options: Mapping[str, Any]) -> Dataset:
     desc: dict[str, Any] = {"source": str(root), "subset": subset}
     ann = Path(options["annotations"]) if options.get("annotations") else root / "annotations.csv"
     if options.get("annotations") or ann.is_file():
-        desc["annotations"] = _luna_annotations(ann)
-    return Dataset(name=root.name, root=root, format="luna16", task="unlabelled", cases=cases, description=desc)
+        desc["annotations"], desc["annotations_file"] = _luna_annotations(ann), str(ann)
+    if options.get("candidates"):
+        desc["candidates"] = luna_candidates(Path(options["candidates"]))
+    else:
+        found = next((root / n for n in LUNA_CANDIDATE_FILES if (root / n).is_file()), None)
+        if found is not None:
+            desc["candidates"] = luna_candidates(found)
+    dataset = Dataset(name=root.name, root=root, format="luna16", task="unlabelled", cases=cases, description=desc)
+    task = options.get("task", "unlabelled")
+    if task not in ("unlabelled", "detection"):
+        raise DataError(f"{root}: task={task!r} for LUNA16; use 'detection' (nodule boxes) or 'unlabelled'")
+    return luna_detection(dataset, root, options) if task == "detection" else dataset
 
 
 def _luna_annotations(path: Path) -> dict[str, list[dict[str, float]]]:

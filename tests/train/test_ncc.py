@@ -252,3 +252,30 @@ def test_resume_mid_epoch_under_balanced_sampling_ends_with_the_same_weights(ncc
     a = read_run_checkpoint(whole / "checkpoints" / "last.pt")["model"]
     b = read_run_checkpoint(cut / "checkpoints" / "last.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ncc_on_the_luna16_detection_phantoms(tmp_path):
+    """The embedded phantoms (data/phantoms_detection.py, LUNA16 layout with candidates.csv): extract -> a few
+    balanced steps -> evaluate with AUC and the FROC over every candidate of the phantoms' scans."""
+    from medtransfer.data.phantoms_detection import write_detection_phantoms
+
+    luna = write_detection_phantoms(tmp_path / "luna", 2, 0, "luna16", false_per_true=2)
+    result = extract_candidates(luna, luna / "candidates.csv", tmp_path / "cubes", size=(8, 16, 16), progress=False)
+    with (luna / "candidates.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert result.written == len(rows) and result.positives == sum(r["class"] == "1" for r in rows) > 0
+    cfg = resolve({
+        "model": {"name": "medicalnet_resnet10", "task": "classification"}, "recipe": "genesis_ncc",
+        "data": {"path": str(tmp_path / "cubes" / "candidates.csv"), "patch_size": [8, 16, 16], "batch_size": 6,
+                 "val_fraction": 0.25},
+        "train": {"max_epochs": 4, "max_steps": 6, "val_every": 2, "val_interval": "step"},
+        "out": str(tmp_path / "run")})
+    run = run_finetune(cfg, progress=False)
+    losses = [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0], losses
+    summary = json.loads((evaluate(run, split="all") / "summary.json").read_text())
+    with (luna / "annotations.csv").open() as f:
+        n_nodules = len(list(csv.DictReader(f)))
+    assert summary["cases"] == len(rows) and 0 <= summary["metrics"]["auc_0"] <= 1
+    assert summary["froc"]["n_scans"] == 2 and summary["froc"]["lesions"] == n_nodules
+    assert 0 <= summary["froc"]["cpm"] <= 1

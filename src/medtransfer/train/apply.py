@@ -256,8 +256,7 @@ def _candidate_froc(data: str | Path, scores: dict[str, float], out: Path) -> Op
     """For a nodule candidate dataset (``medtransfer data candidates``, data/candidates.py): the FROC of the
     candidate scores (:func:`~medtransfer.train.detection_metrics.froc_points`: a hit is a candidate centre within a
     nodule's radius; sensitivity at 1/8..8 false positives per scan and their mean, LUNA16's CPM) and
-    ``luna16_submission.csv`` for LUNA16's own evaluation script. None for
-    any other dataset."""
+    ``luna16_submission.csv`` for LUNA16's own evaluation script. None for any other dataset."""
     from ..data.candidates import froc_inputs, read_manifest, read_table, write_luna_submission
 
     manifest = read_manifest(data)

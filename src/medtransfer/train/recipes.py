@@ -48,8 +48,9 @@ _RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     },
     # 3c Models Genesis NCC (nodule candidate classification on LUNA16 candidate cubes): Adam 1e-3, batch 24,
     # early stopping on the validation loss with patience 10, input 64x64x32 in (x, y, z) = patch (32, 64, 64) here,
-    # one sigmoid output with BCE (the published classifier ends in FC 1). Not from the seed: balanced class sampling
-    # (train/samplers.py), since LUNA16 holds ~500 false candidates per nodule; data.sampling: shuffle undoes it.
+    # BCE on one sigmoid output (3c: GAP, FC 1024, FC n with BCE; n = 1 for nodule vs not). Not from the seed:
+    # balanced class sampling (train/samplers.py), since LUNA16 holds ~500 false candidates per nodule;
+    # data.sampling: shuffle undoes it.
     "genesis_ncc": {
         "common": {},
         "classification": {

@@ -56,10 +56,17 @@ def _grid_config(tmp: Path, phantoms: Path, out: Path) -> Path:
 # command -> its arguments with the output at `out` (an existing file, a path under one, or a read-only folder)
 def _args(command: str, out: Path, tmp: Path, phantoms: Path, run: Path) -> list[str]:
     image = str(phantoms / "imagesTr" / "phantom_000.nii.gz")
+    luna = tmp / "luna"
+    if command == "data candidates" and not luna.exists():
+        from medtransfer.data.phantoms_detection import write_detection_phantoms
+
+        write_detection_phantoms(luna, 1, 0, "luna16", false_per_true=1)
     return {
         "zoo convert": ["zoo", "convert", str(run / "checkpoints" / "best.pt"), "-m", "fmunet", "-o", str(out)],
         "data phantoms": ["data", "phantoms", "--out", str(out), "--n", "1", "--size", "16", "--no-2d"],
         "data prepare": ["data", "prepare", str(phantoms), "-o", str(out)],
+        "data candidates": ["data", "candidates", str(luna), "--candidates", str(luna / "candidates.csv"), "--out",
+                            str(out), "--cube-size", "4,8,8"],
         "data cubes": ["data", "cubes", str(phantoms), "-o", str(out), "--cube-size", "8,8,8", "--border-xy", "2",
                        "--border-z", "2", "--lung-max", "1"],
         "finetune": ["finetune", "--model", "fmunet", "--data", str(phantoms), "--out", str(out), *TINY,
@@ -74,8 +81,8 @@ def _args(command: str, out: Path, tmp: Path, phantoms: Path, run: Path) -> list
     }[command]
 
 
-COMMANDS = ("zoo convert", "data phantoms", "data prepare", "data cubes", "finetune", "pretrain", "predict", "evaluate",
-            "benchmark", "report", "demo")
+COMMANDS = ("zoo convert", "data phantoms", "data prepare", "data cubes", "data candidates", "finetune", "pretrain",
+            "predict", "evaluate", "benchmark", "report", "demo")
 WRITE_INTO_THEIR_ARGUMENT = {"evaluate", "report"}  # RUN_DIR/evaluation, GRID/report.md
 
 

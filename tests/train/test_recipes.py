@@ -17,10 +17,10 @@ def _cfg(name: str, task: str, **sections) -> FinetuneConfig:
 
 
 def test_recipe_names_and_tasks():
-    assert list_recipes() == ["benchmark2d", "genesis", "medicalnet", "monai_luna", "mp3d", "vdt", "volf"]
+    assert list_recipes() == ["benchmark2d", "genesis", "genesis_ncc", "medicalnet", "monai_luna", "mp3d", "vdt", "volf"]
     assert recipe_tasks("volf") == ("segmentation",)
     assert recipe_tasks("mp3d") == recipe_tasks("monai_luna") == ("detection",)
-    assert len(SUPPORTED) == 11
+    assert len(SUPPORTED) == 12
 
 
 @pytest.mark.parametrize("name, task", SUPPORTED)

@@ -1,4 +1,4 @@
-"""``medtransfer data inspect | phantoms | cubes | prepare``: check, make and prepare datasets."""
+"""``medtransfer data inspect | phantoms | cubes | candidates | prepare``: check, make and prepare datasets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import typer
 from . import _fail, console, err_console
 
 data_app = typer.Typer(
-    help="Datasets: check one before training, write the embedded phantom dataset, prepare a cache, extract cubes.",
+    help="Datasets: check one before training, write the embedded phantom dataset, prepare a cache, extract cubes "
+    "(Genesis pretraining cubes, LUNA16 candidate cubes).",
     no_args_is_help=True,
 )
 
@@ -167,6 +168,52 @@ def data_cubes(
         _fail(exc)
     for p in paths:
         console.print(f"wrote [bold]{p}[/]")
+
+
+@data_app.command("candidates")
+def data_candidates(
+    luna_dir: Path = typer.Argument(..., help="LUNA16 folder holding subset0/, subset1/, ... with the .mhd scans."),
+    candidates: Path = typer.Option(..., "--candidates", help="candidates.csv-style list: seriesuid, coordX, coordY, "
+                                    "coordZ (world mm), class (1 = nodule)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: candidates.csv, cubes/, ncc.json, skipped.json."),
+    cube_size: str = typer.Option("32,64,64", help="Cube size D,H,W = z,y,x in voxels (published: 64x64x32 in x,y,z)."),
+    spacing: Optional[str] = typer.Option(None, help="Resample the cubes to D,H,W mm (default: native spacing, as "
+                                          "the published recipe)."),
+    subsets: Optional[str] = typer.Option(None, help="Only these subset folders, e.g. subset0,subset1 (a scan-level "
+                                          "split: extract the training and the test folds apart)."),
+    annotations: Optional[Path] = typer.Option(None, help="annotations.csv for the FROC of evaluate (default: "
+                                               "LUNA_DIR/annotations.csv when it exists)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier extraction in --out."),
+) -> None:
+    """Cut a cube around every candidate of a LUNA16 candidate list (nodule candidate classification, Models Genesis'
+    NCC) and write a classification dataset: OUT/candidates.csv is what `finetune` takes as data.path.
+
+    Cubes hold HU clipped to [-1000, 1000] (int16, padded with -1000 outside the scan); the fine-tune's genesis_ct
+    preset scales them to [0, 1]. A candidate without its scan in LUNA_DIR, or outside its scan, is skipped, counted
+    and listed in OUT/skipped.json; when every one is, nothing is written and the exit code is 2."""
+    from ..data.candidates import extract_candidates
+    from ..errors import MedTransferError
+    from ..paths import check_output_dir
+
+    check_output_dir(out, "--out")
+    try:
+        size = tuple(int(s) for s in cube_size.split(","))
+        target = tuple(float(s) for s in spacing.split(",")) if spacing else None
+    except ValueError:
+        _fail(MedTransferError(f"--cube-size {cube_size!r} / --spacing {spacing!r}: give three numbers separated by "
+                               "commas, e.g. 32,64,64"))
+    try:
+        result = extract_candidates(luna_dir, candidates, out, size=size, spacing=target,
+                                    subsets=subsets.split(",") if subsets else None, annotations=annotations,
+                                    overwrite=overwrite, progress=sys.stderr.isatty())
+    except MedTransferError as exc:
+        _fail(exc)
+    console.print(f"wrote {result.written} cubes ({result.positives} nodule candidates) from {result.scans} scans to "
+                  f"[bold]{out / 'candidates.csv'}[/]", highlight=False, soft_wrap=True)
+    if result.skipped:
+        console.print(f"skipped {len(result.skipped)} candidates: {result.skipped_no_scan} without a scan in "
+                      f"{luna_dir}, {result.skipped_outside} outside their scan (listed in {out / 'skipped.json'})",
+                      highlight=False, soft_wrap=True)
 
 
 @data_app.command("prepare")

@@ -275,7 +275,7 @@ def evaluate(
                                            "protocol": run.get("protocol", "luna16"), "metrics": metrics})
         return out
     total = build_metrics(task, num_classes=k, multilabel=run["multilabel"])
-    rows, spacings = [], {"original": [], "prepared": []}
+    rows, spacings, scores_by_case = [], {"original": [], "prepared": []}, {}
     for i, case_id in enumerate(ids, 1):
         started = time.perf_counter()
         image, label, meta = cache.load(case_id)
@@ -309,7 +309,12 @@ def evaluate(
             target = (torch.tensor([t], dtype=torch.float32) if isinstance(t, list)
                       else torch.tensor([int(t)], dtype=torch.int64))
             total.update(logits, target)
-            pred = (logits[0] > 0).int().tolist() if run["multilabel"] else int(logits[0].argmax())
+            if run["multilabel"]:
+                pred = (logits[0] > 0).int().tolist()
+            else:  # one logit is a sigmoid: positive above 0 (its argmax would always be class 0)
+                pred = int(logits[0, 0] > 0) if k == 1 else int(logits[0].argmax())
+            if k in (1, 2) and not run["multilabel"]:  # the log-odds of class 1, ranked by AUC and FROC
+                scores_by_case[case_id] = float(logits[0, 0] if k == 1 else logits[0, 1] - logits[0, 0])
             rows.append({"case_id": case_id, "target": t, "prediction": pred})
         _progress("evaluate", i, len(ids), case_id, started)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,8 +326,33 @@ def evaluate(
         summary["spacing"] = {key: value for key, value in spacings.items() if value}
     summary["inference"] = options
     summary["metrics"] = total.compute()
+    froc = _candidate_froc(data_path or run["data_path"], scores_by_case, out) if scores_by_case else None
+    if froc is not None:
+        summary["froc"] = froc
     _write_json(out / "summary.json", summary)
     return out
+
+
+def _candidate_froc(data: str | Path, scores: dict[str, float], out: Path) -> Optional[dict[str, Any]]:
+    """For a nodule candidate dataset (``medtransfer data candidates``, data/candidates.py): the FROC of the
+    candidate scores (:func:`~medtransfer.train.detection_metrics.froc_points`: a hit is a candidate centre within a
+    nodule's radius; sensitivity at 1/8..8 false positives per scan and their mean, LUNA16's CPM) and
+    ``luna16_submission.csv`` for LUNA16's own evaluation script. None for any other dataset."""
+    from ..data.candidates import froc_inputs, read_manifest, read_table, write_luna_submission
+
+    manifest = read_manifest(data)
+    if manifest is None:
+        return None
+    table = read_table(data)
+    write_luna_submission(out / "luna16_submission.csv", scores, table)
+    if manifest.get("nodules") is None:
+        return {"skipped": "the extraction had no annotations.csv, so there are no nodules to score against"}
+    from .detection_metrics import froc_points
+
+    points = froc_inputs(scores, table, manifest)
+    result = froc_points(points["detections"], points["lesions"], n_scans=points["n_scans"])
+    return {**result, "n_scans": points["n_scans"], "lesions": len(points["lesions"]),
+            "every_candidate_of_those_scans_scored": points["complete"]}
 
 
 # ----------------------------------------------------------------------------------------------- predict

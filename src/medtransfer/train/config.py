@@ -113,6 +113,9 @@ class DataConfig(_Section):
     # (a minimum below -500 HU is CT), else unknown (data/modality.py)
     modality: Literal["auto", "CT", "MRI"] = "auto"
     batch_size: int = Field(2, gt=0)
+    # training order: "shuffle" draws every case once per epoch; "balanced" (single-label classification) draws
+    # every class equally often, the minority with replacement (train/samplers.py); both from (seed, epoch) only
+    sampling: Literal["shuffle", "balanced"] = "shuffle"
     label_fraction: float = Field(1.0, gt=0, le=1)  # share of labelled training cases kept (nested subsets)
     val_fraction: float = Field(0.2, gt=0, lt=1)  # data/splits.py train_val_test default
     test_fraction: float = Field(0.0, ge=0, lt=1)  # held out first, never trained or validated on (benchmarks)
@@ -284,6 +287,13 @@ class FinetuneConfig(_Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     recipe: Optional[str] = None  # a preset of .recipes, merged under these values
     out: Path = Path("runs/finetune")
+
+    @model_validator(mode="after")
+    def _balanced_needs_classes(self) -> FinetuneConfig:
+        if self.data.sampling == "balanced" and self.model.task != "classification":
+            raise ValueError(f"data.sampling: balanced draws classes equally, so it needs model.task: "
+                             f"classification (got {self.model.task!r}); use data.sampling: shuffle")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------------ YAML

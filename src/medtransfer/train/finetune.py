@@ -200,7 +200,7 @@ def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: Any = Non
         if len(patch) != spatial_dims:
             raise MedTransferError(f"data.patch_size {list(patch)} has {len(patch)} values but the dataset is "
                                    f"{spatial_dims}D; give {spatial_dims} values")
-        sources["patch_size"] = "user config (data.patch_size)"
+        sources["patch_size"] = _user_or_recipe(cfg, "patch_size")
     elif pcfg is not None and pcfg.patch_size and len(pcfg.patch_size) == spatial_dims:
         patch, sources["patch_size"] = pcfg.patch_size, label
     else:
@@ -219,6 +219,16 @@ def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: Any = Non
         "mismatches": [choice.mismatch] if choice.mismatch else [],
         "warnings": [choice.warning] if choice.warning else [],
     }
+
+
+def _user_or_recipe(cfg: FinetuneConfig, key: str) -> str:
+    """Where a set ``data.<key>`` came from: the recipe when it holds that value, else the user's config."""
+    from .recipes import recipe
+
+    given = recipe(cfg.recipe, cfg.model.task).get("data", {}).get(key) if cfg.recipe else None
+    if given is not None and list(given) == list(getattr(cfg.data, key)):
+        return f"recipe {cfg.recipe} (data.{key})"
+    return f"user config (data.{key})"
 
 
 def announce_contract(contract: dict[str, Any]) -> None:
@@ -341,11 +351,20 @@ def _exclusive(lock: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _train_sampler(n: int, seed: int):
-    """The loop's epoch-seeded sampler: the order derives from (seed, epoch) only (interface of loop.py)."""
+def _train_sampler(n: int, seed: int, classes: Optional[list] = None, where: str = ""):
+    """The loop's epoch-seeded sampler: the order derives from (seed, epoch) only (interface of loop.py);
+    with ``classes`` (``data.sampling: balanced``) an epoch draws every class equally (train/samplers.py)."""
     from .loop import EpochShuffleSampler
 
-    return EpochShuffleSampler(n, seed=seed)
+    if classes is None:
+        return EpochShuffleSampler(n, seed=seed)
+    from .samplers import balanced_sampler
+
+    sampler = balanced_sampler(classes, seed, where)
+    log.warning("data.sampling balanced: each epoch draws %d training cases, %s per class; training class counts "
+                "%s (the minority drawn again, the majority subsampled)", n, f"{n / len(sampler.members):g}",
+                {c: len(m) for c, m in sampler.members.items()})
+    return sampler
 
 
 def detection_channels(cfg: FinetuneConfig, cache, case_id: str, dims: int) -> int:
@@ -532,7 +551,9 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     # a remainder batch of one sample breaks BatchNorm in training where the features are 1x1 (a 32x32 2D patch
     # through resnet50_2d, 'Expected more than 1 value per channel'), so only such a remainder is dropped.
     lone = len(train_ds) > cfg.data.batch_size and len(train_ds) % cfg.data.batch_size == 1
-    train_loader = make_loader(train_ds, batch_size=cfg.data.batch_size, sampler=_train_sampler(len(train_ds), seed),
+    balanced = [targets[c] for c in split.train] if cfg.data.sampling == "balanced" else None
+    train_loader = make_loader(train_ds, batch_size=cfg.data.batch_size,
+                               sampler=_train_sampler(len(train_ds), seed, balanced, str(data_path)),
                                workers=cfg.data.workers, drop_last=lone)
     val_loader = make_loader(val_ds, batch_size=cfg.data.batch_size, workers=cfg.data.workers) if val_ds else None
 

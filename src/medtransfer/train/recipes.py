@@ -5,8 +5,9 @@ that a ``loss`` or ``schedule`` section whose ``name`` the user changes replaces
 recipe's Dice smoothing means nothing to a cross-entropy loss, its poly power nothing to a step schedule).
 
 Data settings (intensity, spacing, patch) are left to the weights' input contract (``PretrainedCfg``), and mixed
-precision to the hardware, so recipes hold optimiser, schedule, loss and loop settings only. Deliberate departures
-from the seed code are noted per recipe.
+precision to the hardware, so recipes hold optimiser, schedule, loss and loop settings only -- except a recipe
+made for one kind of data: ``genesis_ncc`` fixes the cube size, batch and sampling of nodule candidate cubes
+(``medtransfer data candidates``), whatever the start. Deliberate departures from the seed code are noted per recipe.
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ _RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "segmentation": {"loss": {"name": "dice", "kwargs": dict(_DICE_SMOOTH_1)}, "train": {"early_stop_patience": 50}},
         "classification": {"loss": {"name": "bce"}, "train": {"early_stop_patience": 10}},
+    },
+    # 3c Models Genesis NCC (nodule candidate classification on LUNA16 candidate cubes): Adam 1e-3, batch 24,
+    # early stopping on the validation loss with patience 10, input 64x64x32 in (x, y, z) = patch (32, 64, 64) here,
+    # BCE on one sigmoid output (3c: GAP, FC 1024, FC n with BCE; n = 1 for nodule vs not). Not from the seed:
+    # balanced class sampling (train/samplers.py), since LUNA16 holds ~500 false candidates per nodule;
+    # data.sampling: shuffle undoes it.
+    "genesis_ncc": {
+        "common": {},
+        "classification": {
+            "model": {"num_classes": 1},
+            "data": {"batch_size": 24, "patch_size": [32, 64, 64], "sampling": "balanced"},
+            "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
+            "schedule": {"name": "none"},
+            "loss": {"name": "bce"},
+            "train": {"monitor": "loss", "early_stop_patience": 10},
+        },
     },
     # 4c MIS-FM demo cfg: Adam 1e-3 wd 1e-5, Dice + CE 0.5/0.5, PolynomialLR power 0.8, 6000 iterations,
     # validation every 250, early-stop patience 3000 iterations = 12 validations. PyMIC steps the poly schedule

@@ -17,6 +17,7 @@ from medtransfer.bench import grid
 from medtransfer.bench.store import ResultStore
 from medtransfer.data.cache import PreparedCache
 from medtransfer.data.phantoms import write_phantom_dataset
+from medtransfer.errors import MedTransferError
 from medtransfer.train import loop
 from medtransfer.train.finetune import evaluate, predict
 
@@ -111,6 +112,17 @@ def test_keep_best_leaves_weights_only_and_no_last_pt(full, data, tmp_path):
     assert written.is_file()
     text = (out / "grid.yaml").read_text()
     assert "keep: best" in text
+
+
+def test_a_run_thinned_by_keep_none_says_so_when_evaluated(full, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(full[0] / "runs" / "seg" / "fast" / "f1" / "s0", run)
+    grid.apply_keep("none", run)
+    assert not (run / "checkpoints").exists()
+    with pytest.raises(MedTransferError, match="keeps no weights .*keep: none"):
+        evaluate(run, split="val")
 
 
 def test_a_killed_grid_with_keep_best_resumes_to_the_same_store(full, data, tmp_path, monkeypatch):

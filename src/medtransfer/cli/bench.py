@@ -28,7 +28,13 @@ def benchmark(
                                      "of a dead one after this."),
 ) -> None:
     """Run (or resume) a grid of initialisations x tasks x label fractions x trials; results go to
-    store.sqlite in the grid folder, one fine-tune + test evaluation per cell, then the report."""
+    store.sqlite in the grid folder, one fine-tune + test evaluation per cell, then the report.
+
+    On disk: one prepared cache per task and intensity pipeline (cache/<task>/<hash>) shared by all runs; a
+    finished run keeps what the config's keep says (best: checkpoints/best.pt, weights only, the default; none: no
+    weights, so evaluate/predict cannot be run on it later; all: everything, incl. last.pt), e.g. --set keep=none.
+    Inside a grid runs write no last.pt while they train (keep: all writes it once at the end): a killed grid
+    redoes its unfinished run from the start, with the same seed and split."""
     from ..bench.grid import load_benchmark_config, run_benchmark
 
     try:

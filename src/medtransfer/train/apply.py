@@ -45,6 +45,10 @@ def _load_run(run_dir: Path):
     ckpt = run_dir / "checkpoints" / "best.pt"
     if not ckpt.is_file():
         ckpt = run_dir / "checkpoints" / "last.pt"
+    if not ckpt.is_file() and not ckpt.parent.exists() and (run_dir / "metrics.jsonl").is_file():
+        raise MedTransferError(f"{run_dir}: the run finished but keeps no weights (a benchmark with keep: none "
+                               "removes them once the run is recorded); run the grid with keep: best to evaluate "
+                               "or predict later")
     if not ckpt.is_file():
         raise MedTransferError(f"{run_dir}: no checkpoints/best.pt (or last.pt); the run has not saved a model yet")
     from .checkpoint import read_run_checkpoint

@@ -28,3 +28,35 @@ def test_demo_quick_end_to_end(tmp_path):
     # the genesis runs fine-tuned from the pretrained file, with a full load report
     run = out / "runs" / "phantom_seg" / "genesis" / "f1" / "s0"
     assert '"coverage": 1.0' in (run / "load_report.json").read_text()
+
+
+def test_phantom_label_subset_keeps_the_organs_and_paints_the_rest_background(tmp_path):
+    import json
+
+    import numpy as np
+    import pytest
+
+    from medtransfer.data.io import read_image
+    from medtransfer.data.phantoms import make_ct_phantom, write_phantom_dataset
+    from medtransfer.errors import DataError
+
+    root = write_phantom_dataset(tmp_path / "organs", 2, 3, shape=(32, 32, 32), spacing=(5.0,) * 3, with_2d=False,
+                                 labels=(1, 2, 3, 4))
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["labels"] == {"0": "background", "1": "lung", "2": "heart", "3": "liver", "4": "spine"}
+    assert meta["medtransfer"]["labels_kept"] == [1, 2, 3, 4]
+    case = make_ct_phantom(meta["medtransfer"]["case_seeds"][0], shape=(32, 32, 32), spacing=(5.0,) * 3)
+    written = read_image(root / "labelsTr" / "phantom_000.nii.gz").array
+    assert np.isin(case.label, (5, 6)).any()  # the case has vessels or a lesion to drop
+    assert np.array_equal(written, np.where(np.isin(case.label, (1, 2, 3, 4)), case.label, 0))
+    image = read_image(root / "imagesTr" / "phantom_000.nii.gz").array
+    assert np.allclose(image, case.image, atol=1e-3)  # the image is the full phantom's
+    # renumbered in the order given
+    swapped = write_phantom_dataset(tmp_path / "two", 1, 3, shape=(32, 32, 32), spacing=(5.0,) * 3, with_2d=False,
+                                    labels=(3, 1))
+    assert json.loads((swapped / "dataset.json").read_text())["labels"] == {"0": "background", "1": "liver",
+                                                                            "2": "lung"}
+    for bad in ((), (0, 1), (1, 1), (7,), (True,)):
+        with pytest.raises(DataError, match="distinct foreground ids"):
+            write_phantom_dataset(tmp_path / "bad", 1, 3, shape=(32, 32, 32), spacing=(5.0,) * 3, labels=bad)
+    assert not (tmp_path / "bad").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
 from medtransfer.bench.store import ResultStore
@@ -14,25 +16,28 @@ def test_demo_quick_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| scratch |" in result.output and "| genesis |" in result.output
     assert f"report: {out / 'report.md'}" in result.output
+    # the printed power and convergence summaries, and the organ task's four classes
+    assert "phantom_organs at 100% labels: with n=2 paired trials and m=1 comparison(s)" in result.output
+    assert "| phantom_organs | 100% | genesis |" in result.output and "steps to target" in result.output
+    task = json.loads((out / "data" / "task" / "dataset.json").read_text())
+    assert task["labels"] == {"0": "background", "1": "lung", "2": "heart", "3": "liver", "4": "spine"}
     with ResultStore(out / "store.sqlite") as store:
         rows = store.rows()
     assert [(r["init"], r["seed"], r["status"]) for r in rows] == [
         ("genesis", 0, "done"), ("genesis", 1, "done"), ("scratch", 0, "done"), ("scratch", 1, "done")]
     assert all(0.0 <= r["metric"] <= 1.0 and r["steps"] == 6 for r in rows)
     assert (out / "pretrain" / "genesis" / "pretrained.safetensors").is_file()
-    for name in ("report.md", "report.html", "grid.yaml", "figures/bars_phantom_seg.png",
-                 "figures/curves_phantom_seg_1.png"):
+    for name in ("report.md", "report.html", "grid.yaml", "figures/bars_phantom_organs.png",
+                 "figures/curves_phantom_organs_1.png"):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http" not in html
     # the genesis runs fine-tuned from the pretrained file, with a full load report
-    run = out / "runs" / "phantom_seg" / "genesis" / "f1" / "s0"
+    run = out / "runs" / "phantom_organs" / "genesis" / "f1" / "s0"
     assert '"coverage": 1.0' in (run / "load_report.json").read_text()
 
 
 def test_phantom_label_subset_keeps_the_organs_and_paints_the_rest_background(tmp_path):
-    import json
-
     import numpy as np
     import pytest
 

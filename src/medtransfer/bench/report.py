@@ -55,7 +55,7 @@ def results_table(rows: list[dict], *, baseline: str = "scratch") -> list[dict]:
     effect (its name), mean_diff, wilcoxon_p, diff_sd (SD of the paired differences), n_pairs, detectable (the
     smallest true difference its paired test detects with 80% power at p < 0.05 after Holm,
     :func:`~medtransfer.bench.stats.detectable_difference`) (all None for the baseline itself and where it has no
-    runs; diff_sd and detectable also for unpaired comparisons); baseline;
+    runs; diff_sd and detectable are None for unpaired comparisons too, n_pairs 0); baseline;
     label_efficiency of the (task, init), the same on each of its entries (None when never reached, or when the
     baseline has no runs at fraction 1.0); preset: the intensity preset(s) of the cell's runs, comma-separated (None
     when no run recorded one: stores written before schema 2).

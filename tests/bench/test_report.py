@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medtransfer.bench.report import _collect_curves, format_table, learning_curves, results_table, write_report
@@ -226,3 +227,68 @@ def test_report_of_no_rows_is_an_error_and_writes_nothing(tmp_path):
     text = md.read_text()
     assert "No run has finished" in text and "| failed | 1 |" in text and "ValueError: bad |" in text
     assert not (tmp_path / "out" / "figures").exists()
+
+
+# ------------------------------------------------------------------------------------------------ speed and power
+def test_convergence_steps_and_seconds_to_the_baselines_final_validation(tmp_path):
+    from medtransfer.bench.report import convergence, format_convergence
+
+    def log(name, points):
+        return write_log(tmp_path / name, [{"step": s, "time": t, "val": {"dice": v}} for s, t, v in points])
+
+    rows = [
+        # scratch ends at 0.6 (seed 0; its best 0.65 at step 20 does not count) and 0.5 (seed 1)
+        row("scratch", 1.0, 0, 0.6, run_dir=log("s0", [(10, 5.0, 0.3), (20, 10.0, 0.65), (30, 15.0, 0.6)])),
+        row("scratch", 1.0, 1, 0.5, run_dir=log("s1", [(10, 5.5, 0.2), (20, 11.0, 0.4), (30, 16.0, 0.5)])),
+        row("genesis", 1.0, 0, 0.7, run_dir=log("g0", [(10, 6.0, 0.61), (20, 12.0, 0.7), (30, 18.0, 0.7)])),
+        row("genesis", 1.0, 1, 0.6, run_dir=log("g1", [(10, 6.5, 0.3), (20, 13.0, 0.55), (30, 19.0, 0.6)])),
+        row("volf", 1.0, 0, 0.4, run_dir=log("v0", [(10, 6.0, 0.3), (20, 12.0, 0.4), (30, 18.0, 0.45)])),
+        row("volf", 1.0, 1, 0.4, run_dir=log("v1", [(10, 6.0, 0.3), (20, 12.0, 0.4), (30, 18.0, 0.45)])),
+        row("med3d", 1.0, 5, 0.4, run_dir=log("m5", [(10, 6.0, 0.9)])),  # no scratch run with seed 5: left out
+    ]
+    speed = {e["init"]: e for e in convergence(rows)}
+    assert list(speed) == ["scratch", "genesis", "volf"]
+    scratch, genesis, volf = speed["scratch"], speed["genesis"], speed["volf"]
+    assert scratch["target"] == pytest.approx(0.55) and (scratch["n"], scratch["reached"]) == (2, 2)
+    assert scratch["steps_mean"] == 25.0 and scratch["seconds_mean"] == pytest.approx(13.0)  # 20 (seed 0), 30
+    assert genesis["steps_mean"] == 15.0 and genesis["seconds_mean"] == pytest.approx(9.5)  # 10 and 20 (0.55 >= 0.5)
+    assert [t["steps"] for t in genesis["trials"]] == [10, 20]
+    assert volf["reached"] == 0 and volf["steps_mean"] is None and volf["seconds_mean"] is None
+    text = format_convergence(convergence(rows))
+    assert "| phantom_seg | 100% | volf | 0.550 | 0/2 | never | never | 30 |" in text
+    assert "| phantom_seg | 100% | genesis | 0.550 | 2/2 | 15 | 10 | 30 |" in text
+
+
+def test_detectable_effect_per_comparison_and_per_fraction():
+    from scipy import stats as sps
+
+    from medtransfer.bench.report import detectable_effects, format_detectable
+
+    base = [0.50, 0.60, 0.55, 0.58]
+    plus = {"genesis": [0.10, 0.02, 0.15, 0.03], "volf": [0.01, -0.02, 0.03, 0.00]}
+    rows = [row("scratch", 1.0, s, v) for s, v in enumerate(base)]
+    rows += [row(init, 1.0, s, v + d) for init, ds in plus.items() for s, (v, d) in enumerate(zip(base, ds))]
+    entries = results_table(rows)
+    t = sps.t.ppf(1 - 0.05 / 4, 3) + sps.t.ppf(0.8, 3)  # m = 2 comparisons, n = 4 pairs
+    sds = {init: float(np.std(ds, ddof=1)) for init, ds in plus.items()}
+    for init, sd in sds.items():
+        assert entry(entries, init, 1.0)["detectable"] == pytest.approx(t * sd / 2)
+    (effect,) = detectable_effects(entries)
+    pooled = math.sqrt((sds["genesis"] ** 2 + sds["volf"] ** 2) / 2)
+    assert (effect["n"], effect["m"]) == (4, 2) and effect["sd"] == pytest.approx(pooled)
+    assert effect["detectable"] == pytest.approx(t * pooled / 2)
+    line = format_detectable([effect])
+    assert f"is {effect['detectable']:.3f}" in line and "n=4 paired trials and m=2" in line
+    table = format_table(entries)
+    assert "detectable Δ (80%)" in table and f"{t * sds['genesis'] / 2:.3f}" in table and "n=4 paired" in table
+
+
+def test_report_has_the_convergence_section_and_the_detectable_effect(report):
+    out, md, page, rows = report
+    text = md.read_text()
+    # genesis logs 0.2 above scratch from step 5 on, so it reaches scratch's final value at the first validation
+    assert "### Convergence speed" in text
+    assert "| phantom_seg | 10% | genesis | 0.410 | 3/3 | 5 | n/a | 10 |" in text  # the logs hold no time
+    assert "| phantom_seg | 10% | scratch | 0.410 | 3/3 | 10 | n/a | 10 |" in text
+    assert "phantom_seg at 10% labels: with n=3 paired trials and m=1 comparison(s)" in text
+    assert "Convergence speed" in page.read_text()

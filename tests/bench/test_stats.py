@@ -338,3 +338,67 @@ def test_label_efficiency_errors():
         label_efficiency({0.5: float("nan")}, 0.5)
     with pytest.raises(ValueError, match="target must be a finite number"):
         label_efficiency({0.5: 0.5}, float("nan"))
+
+
+# ---------------------------------------------------------------- detectable difference
+
+
+def test_detectable_difference_against_t_quantiles_by_hand():
+    from scipy import stats as sps
+
+    from medtransfer.bench.stats import detectable_difference
+
+    # n = 5 trials, m = 3 comparisons: Bonferroni level 0.05 / 3, two-sided, so the 1 - 0.05 / 6 quantile of t(4)
+    expected = (sps.t.ppf(1 - 0.05 / 6, 4) + sps.t.ppf(0.8, 4)) * 0.04 / math.sqrt(5)
+    assert detectable_difference(0.04, 5, m=3) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx((3.9608 + 0.9410) * 0.04 / math.sqrt(5), abs=1e-4)  # printed t tables
+    # m = 1, n = 10: the classic (t_.975,9 + t_.8,9) = 2.2622 + 0.8834
+    assert detectable_difference(1.0, 10) == pytest.approx((2.2622 + 0.8834) / math.sqrt(10), abs=1e-4)
+    # more comparisons or a higher power need a larger effect; more trials a smaller one
+    assert detectable_difference(0.04, 5, m=4) > detectable_difference(0.04, 5, m=3)
+    assert detectable_difference(0.04, 5, m=3, power=0.9) > detectable_difference(0.04, 5, m=3)
+    assert detectable_difference(0.04, 8, m=3) < detectable_difference(0.04, 5, m=3)
+
+
+def test_detectable_difference_has_about_the_stated_power():
+    from scipy import stats as sps
+
+    from medtransfer.bench.stats import detectable_difference
+
+    # the exact power of a paired t-test at that true difference (noncentral t) is close to the stated 80%
+    for n, m in ((5, 3), (8, 2), (20, 1)):
+        delta = detectable_difference(1.0, n, m=m)
+        crit = sps.t.ppf(1 - 0.05 / (2 * m), n - 1)
+        power = sps.nct.sf(crit, n - 1, delta * math.sqrt(n)) + sps.nct.cdf(-crit, n - 1, delta * math.sqrt(n))
+        assert 0.75 < power < 0.85, (n, m, power)
+
+
+def test_detectable_difference_undefined_and_errors():
+    from medtransfer.bench.stats import detectable_difference
+
+    assert detectable_difference(None, 5) is None
+    assert detectable_difference(0.1, 1) is None
+    with pytest.raises(ValueError, match="m \\(the number of comparisons\\)"):
+        detectable_difference(0.1, 5, m=0)
+    with pytest.raises(ValueError, match="alpha and power"):
+        detectable_difference(0.1, 5, power=1.0)
+    with pytest.raises(ValueError, match="sd must be"):
+        detectable_difference(float("nan"), 5)
+
+
+def test_compare_all_reports_the_sd_of_the_differences_and_the_detectable_effect():
+    from scipy import stats as sps
+
+    base = {0: 0.50, 1: 0.60, 2: 0.55, 3: 0.58}
+    groups = {"scratch": base, "a": {0: 0.60, 1: 0.62, 2: 0.70, 3: 0.61},
+              "b": {0: 0.52, 1: 0.61, 2: 0.50, 3: 0.60}, "c": {0: 0.5, 1: 0.6}}  # c: other seeds -> Welch
+    by_name = {c.name: c for c in compare_all(groups, "scratch")}
+    diffs = [0.10, 0.02, 0.15, 0.03]
+    sd = _var(diffs) ** 0.5
+    assert by_name["a"].diff_sd == pytest.approx(sd, rel=1e-9) and by_name["a"].n_pairs == 4
+    # three comparisons have a p-value, so Holm's first step is at 0.05 / 3
+    assert by_name["a"].detectable == pytest.approx((sps.t.ppf(1 - 0.05 / 6, 3) + sps.t.ppf(0.8, 3)) * sd / 2)
+    assert by_name["c"].paired is False and by_name["c"].diff_sd is None and by_name["c"].detectable is None
+    # a single comparison: m = 1
+    single = compare(groups["a"], base)
+    assert single.detectable == pytest.approx((sps.t.ppf(0.975, 3) + sps.t.ppf(0.8, 3)) * sd / 2)

@@ -30,7 +30,15 @@ MARKER_NOTE = (
     "t-test (the Wilcoxon signed-rank p is shown beside the paired test). Effect size: Cohen's d_z (paired) or "
     "Hedges' g (Welch). Label efficiency: the smallest label fraction "
     "at which an initialisation matches the baseline trained on 100% of the labels (linear between measured "
-    "fractions; ≤ when already matched at the smallest fraction measured)."
+    "fractions; ≤ when already matched at the smallest fraction measured). Detectable Δ: the smallest true "
+    "difference the paired t-test detects with 80% power at p<0.05 after Holm, (t(1-0.05/(2m), n-1) + t(0.8, n-1)) "
+    "· sd/√n from the observed SD of the paired differences (level 0.05/m, Holm's first step)."
+)
+CONVERGENCE_NOTE = (
+    "Steps (and wall seconds of the training loop) until a run's validation metric first reaches the final "
+    "validation value of {baseline}'s run with the same seed and label fraction; mean over the seeds that reached "
+    "it (reached = how many did), \"never\" when none did. Validation is logged every few steps, so the steps are "
+    "rounded up to the next validation."
 )
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("ul", items) | ("table", headers, rows) | ("img", rel, alt, png)
@@ -44,7 +52,10 @@ def results_table(rows: list[dict], *, baseline: str = "scratch") -> list[dict]:
     Entries come sorted by task, then fraction, then init (baseline first). Keys: task, metric_name,
     higher_is_better, init, fraction, n, mean, std (ddof=1), ci_low, ci_high (95% t interval); against the baseline
     at the same (task, fraction), Holm-corrected across every init there: test, p, p_holm, marker, effect_size,
-    effect (its name), mean_diff, wilcoxon_p (all None for the baseline itself and where it has no runs); baseline;
+    effect (its name), mean_diff, wilcoxon_p, diff_sd (SD of the paired differences), n_pairs, detectable (the
+    smallest true difference its paired test detects with 80% power at p < 0.05 after Holm,
+    :func:`~medtransfer.bench.stats.detectable_difference`) (all None for the baseline itself and where it has no
+    runs; diff_sd and detectable are None for unpaired comparisons too, n_pairs 0); baseline;
     label_efficiency of the (task, init), the same on each of its entries (None when never reached, or when the
     baseline has no runs at fraction 1.0); preset: the intensity preset(s) of the cell's runs, comma-separated (None
     when no run recorded one: stores written before schema 2).
@@ -98,11 +109,49 @@ def results_table(rows: list[dict], *, baseline: str = "scratch") -> list[dict]:
                     "ci_low": summary.ci_low, "ci_high": summary.ci_high,
                     **{name: getattr(comparison, name, None)
                        for name in ("test", "p", "p_holm", "marker", "effect_size", "mean_diff", "effect",
-                                    "wilcoxon_p")},
+                                    "wilcoxon_p", "diff_sd", "n_pairs", "detectable")},
                     "baseline": baseline, "label_efficiency": efficiency[init],
                     "preset": ", ".join(sorted(presets[(task, init, fraction)])) or None,
                 })
     return entries
+
+
+def detectable_effects(entries: list[dict]) -> list[dict]:
+    """Per (task, fraction): the smallest Dice (metric) difference the grid detects there with 80% power at p < 0.05
+    after Holm over its m paired comparisons with the baseline, from the pooled SD of their paired differences
+    (root mean square of the per-comparison SDs, all on the same n seeds). Keys: task, fraction, n, m, sd,
+    detectable; None where no paired comparison has an SD."""
+    out = []
+    for (task, fraction), group in _by_cell(entries).items():
+        paired = [e for e in group if e.get("diff_sd") is not None]
+        compared = [e for e in group if e.get("p") is not None]
+        if not paired:
+            continue
+        n = min(e["n_pairs"] for e in paired)
+        sd = math.sqrt(float(np.mean([e["diff_sd"] ** 2 for e in paired])))
+        m = max(1, len(compared))
+        out.append({"task": task, "fraction": fraction, "n": n, "m": m, "sd": sd,
+                    "detectable": stats.detectable_difference(sd, n, m=m)})
+    return out
+
+
+def _by_cell(entries: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    cells: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for e in entries:
+        cells[(e["task"], e["fraction"])].append(e)
+    return dict(cells)
+
+
+def format_detectable(effects: list[dict]) -> str:
+    """One line per (task, fraction) of :func:`detectable_effects`."""
+    return "".join(f"{_detectable_text(e)}\n" for e in effects)
+
+
+def _detectable_text(e: dict) -> str:
+    return (f"{e['task']} at {_pct(e['fraction'])} labels: with n={e['n']} paired trials and m={e['m']} comparison(s) "
+            f"against the baseline, the smallest difference detectable at p < 0.05 after Holm with 80% power is "
+            f"{_num(e['detectable'])} (pooled SD of the paired differences {_num(e['sd'])}; level 0.05/m, Holm's "
+            "first step, so an upper bound for the other steps)")
 
 
 def learning_curves(rows: list[dict]) -> dict[tuple[str, float], dict[str, list[tuple[int, float, float]]]]:
@@ -114,6 +163,70 @@ def learning_curves(rows: list[dict]) -> dict[tuple[str, float], dict[str, list[
     lists them as notes.
     """
     return _collect_curves(rows)[0]
+
+
+def convergence(rows: list[dict], *, baseline: str = "scratch") -> list[dict]:
+    """How fast each start reaches the baseline's final validation metric, as the seed papers measure it.
+
+    For every done run, the target is the last validation value logged by the baseline's run of the same task,
+    fraction and seed (its final value, not its best); the run's first logged step whose validation metric reaches
+    it (>= when higher is better, else <=) gives ``steps`` and ``seconds`` (the log's ``time``: seconds since the
+    training loop started, validation included; a resumed run counts from its restart). One entry per (task,
+    fraction, init) with seeds that have both logs, sorted like :func:`results_table`: task, fraction, init,
+    metric_name, n (seeds compared), reached (seeds that reached the target), target (mean of the targets),
+    steps_mean / seconds_mean (over the seeds that reached it; None when none did: "never"), final_step_mean (the
+    runs' last logged step), trials (per seed: seed, target, steps, seconds; None for never).
+    """
+    logs: dict[tuple[str, float, str, int], dict[int, tuple[float, float | None]]] = {}
+    meta: dict[str, tuple[str, bool]] = {}
+    for row in rows:
+        if row.get("status") != "done" or not row.get("run_dir"):
+            continue
+        log = Path(row["run_dir"]) / "metrics.jsonl"
+        if not log.is_file():
+            continue
+        by_step = _read_validation(log, row["metric_name"], [])
+        if by_step:
+            logs[(row["task"], float(row["fraction"]), row["init"], int(row["seed"]))] = by_step
+            meta[row["task"]] = (row["metric_name"], bool(row["higher_is_better"]))
+    grouped: dict[tuple[str, float, str], list[dict]] = defaultdict(list)
+    for (task, fraction, init, seed), by_step in sorted(logs.items()):
+        reference = logs.get((task, fraction, baseline, seed))
+        if reference is None:
+            continue
+        target = reference[max(reference)][0]
+        better = meta[task][1]
+        hit = next((step for step in sorted(by_step)
+                    if (by_step[step][0] >= target if better else by_step[step][0] <= target)), None)
+        grouped[(task, fraction, init)].append({
+            "seed": seed, "target": target, "steps": hit, "seconds": None if hit is None else by_step[hit][1],
+            "final_step": max(by_step)})
+    entries = []
+    for (task, fraction, init), trials in grouped.items():
+        reached = [t for t in trials if t["steps"] is not None]
+        seconds = [t["seconds"] for t in reached if t["seconds"] is not None]
+        entries.append({
+            "task": task, "fraction": fraction, "init": init, "metric_name": meta[task][0], "n": len(trials),
+            "reached": len(reached), "target": float(np.mean([t["target"] for t in trials])),
+            "steps_mean": float(np.mean([t["steps"] for t in reached])) if reached else None,
+            "seconds_mean": float(np.mean(seconds)) if seconds else None,
+            "final_step_mean": float(np.mean([t["final_step"] for t in trials])),
+            "trials": [{k: t[k] for k in ("seed", "target", "steps", "seconds")} for t in trials]})
+    return sorted(entries, key=lambda e: (e["task"], e["fraction"], e["init"] != baseline, e["init"]))
+
+
+def format_convergence(entries: list[dict], *, baseline: str = "scratch") -> str:
+    """The :func:`convergence` entries as one markdown table ("" when there are none)."""
+    return _render_md([_convergence_table(entries, baseline)]) if entries else ""
+
+
+def _convergence_table(entries: list[dict], baseline: str) -> Block:
+    return ("table", ["task", "fraction", "init", f"{baseline}'s final val (target)", "reached",
+                      "steps to target", "seconds to target", "steps run"],
+            [[e["task"], _pct(e["fraction"]), e["init"], _num(e["target"]), f"{e['reached']}/{e['n']}",
+              "never" if e["steps_mean"] is None else f"{e['steps_mean']:.0f}",
+              "never" if e["steps_mean"] is None else "n/a" if e["seconds_mean"] is None
+              else f"{e['seconds_mean']:.0f}", f"{e['final_step_mean']:.0f}"] for e in entries])
 
 
 def _collect_curves(rows: list[dict]) -> tuple[dict, list[str]]:
@@ -131,7 +244,7 @@ def _collect_curves(rows: list[dict]) -> tuple[dict, list[str]]:
         by_step = _read_validation(log, row["metric_name"], notes)
         if not by_step:
             notes.append(f"{_run_label(row)}: no validation {row['metric_name']!r} in {log}")
-        for step, value in by_step.items():
+        for step, (value, _) in by_step.items():
             per_step = values[(row["task"], float(row["fraction"]))].setdefault(row["init"], defaultdict(list))
             per_step[step].append(value)
     return {key: {init: [(step, float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
@@ -140,8 +253,9 @@ def _collect_curves(rows: list[dict]) -> tuple[dict, list[str]]:
             for key in sorted(values)}, notes
 
 
-def _read_validation(log: Path, metric_name: str, notes: list[str]) -> dict[int, float]:
-    by_step: dict[int, float] = {}
+def _read_validation(log: Path, metric_name: str, notes: list[str]) -> dict[int, tuple[float, float | None]]:
+    """step -> (validation metric, seconds since the loop started) of one run's log."""
+    by_step: dict[int, tuple[float, float | None]] = {}
     bad = 0
     try:
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -156,7 +270,9 @@ def _read_validation(log: Path, metric_name: str, notes: list[str]) -> dict[int,
         val = record.get("val") if isinstance(record, dict) else None
         value = val.get(metric_name) if isinstance(val, dict) else None
         if isinstance(value, (int, float)) and math.isfinite(value) and "step" in record:
-            by_step[int(record["step"])] = float(value)  # a resumed run re-logs steps: the last record wins
+            seconds = record.get("time")
+            # a resumed run re-logs steps: the last record wins
+            by_step[int(record["step"])] = (float(value), float(seconds) if _finite(seconds) else None)
     if bad:
         notes.append(f"{log}: skipped {bad} unreadable line(s)")
     return by_step
@@ -221,12 +337,15 @@ def _task_tables(entries: list[dict]) -> list[Block]:
              if e["init"] != baseline and e.get("test") is not None]
     if tests:
         blocks.append(("table", ["init", "fraction", "n", f"Δ mean vs {baseline}", "test", "p", "p (Holm)",
-                                 "Wilcoxon p", "effect size", "marker"],
+                                 "Wilcoxon p", "effect size", "marker", "detectable Δ (80%)"],
                        [[e["init"], _pct(e["fraction"]), str(e["n"]), _num(e["mean_diff"], signed=True), e["test"],
                          _p(e["p"]), _p(e["p_holm"]), _p(e.get("wilcoxon_p")),
                          f"{_effect(e['effect_size'])} ({e.get('effect')})",
-                         "n/a" if e["p_holm"] is None else e["marker"] or "ns"]
+                         "n/a" if e["p_holm"] is None else e["marker"] or "ns", _num(e.get("detectable"))]
                         for e in tests]))
+        effects = detectable_effects(entries)
+        if effects:
+            blocks.append(("ul", [_detectable_text(e) for e in effects]))
     missing = [f for f in fractions if (baseline, f) not in cell]
     if missing:
         blocks.append(("p", f"No {baseline} (baseline) runs at fraction(s) {', '.join(_pct(f) for f in missing)}: "
@@ -320,8 +439,11 @@ def _efficiency_chart(task: str, entries: list[dict], inits: list[str], baseline
     return _finish(ax, "label fraction", entries[0]["metric_name"], f"{task}: label efficiency (mean, 95% CI)")
 
 
-def _learning_chart(task: str, fraction: float, curves: dict, inits: list[str], metric_name: str) -> bytes:
+def _learning_chart(task: str, fraction: float, curves: dict, inits: list[str], metric_name: str,
+                    target: float | None = None, baseline: str = "scratch") -> bytes:
     ax = _new_axes()
+    if target is not None:
+        ax.axhline(target, linestyle="--", color="0.35", label=f"{baseline}'s final (target)")
     for i, init in enumerate(inits):
         if not curves.get(init):
             continue
@@ -330,6 +452,10 @@ def _learning_chart(task: str, fraction: float, curves: dict, inits: list[str], 
         ax.fill_between(steps, means - stds, means + stds, color=f"C{i}", alpha=0.2, linewidth=0)
     return _finish(ax, "optimiser step", f"validation {metric_name}",
                    f"{task}, {_pct(fraction)} labels: validation {metric_name} (mean ± std)")
+
+
+def _target(speed: list[dict], fraction: float, baseline: str) -> float | None:
+    return next((e["target"] for e in speed if e["init"] == baseline and e["fraction"] == fraction), None)
 
 
 def _slug(text: str) -> str:
@@ -345,6 +471,7 @@ def write_report(out_dir: Path, rows: list[dict], *, baseline: str = "scratch", 
     out_dir = Path(out_dir)
     entries = results_table(rows, baseline=baseline)
     curves, notes = _collect_curves(rows)
+    speeds = convergence(rows, baseline=baseline)
     blocks: list[Block] = [("h", 1, title)]
     if meta:
         blocks.append(("ul", [f"{key}: {_meta_value(value)}" for key, value in meta.items()]))
@@ -362,7 +489,12 @@ def write_report(out_dir: Path, rows: list[dict], *, baseline: str = "scratch", 
     for task, task_entries in _by_task(entries).items():
         inits = _ordered_inits({e["init"] for e in task_entries}, baseline)
         fractions = sorted({e["fraction"] for e in task_entries})
-        blocks += [("h", 2, task), *_task_tables(task_entries), ("h", 3, "Figures")]
+        blocks += [("h", 2, task), *_task_tables(task_entries)]
+        speed = [e for e in speeds if e["task"] == task]
+        if speed:
+            blocks += [("h", 3, "Convergence speed"), ("p", CONVERGENCE_NOTE.format(baseline=baseline)),
+                       _convergence_table(speed, baseline)]
+        blocks.append(("h", 3, "Figures"))
         blocks.append(figure(f"bars_{_slug(task)}.png", f"{task}: test metric per label fraction",
                              _bar_chart(task, task_entries, inits, fractions)))
         blocks.append(figure(f"efficiency_{_slug(task)}.png", f"{task}: label efficiency",
@@ -373,7 +505,8 @@ def write_report(out_dir: Path, rows: list[dict], *, baseline: str = "scratch", 
                 blocks.append(figure(f"curves_{_slug(task)}_{fraction:g}.png",
                                      f"{task}: learning curves at {_pct(fraction)} labels",
                                      _learning_chart(task, fraction, per_init, curve_inits,
-                                                     task_entries[0]["metric_name"])))
+                                                     task_entries[0]["metric_name"],
+                                                     _target(speed, fraction, baseline), baseline)))
     blocks += _unfinished_section(rows, statuses)
     if notes:
         blocks += [("h", 2, "Notes"), ("ul", notes)]

@@ -226,6 +226,9 @@ class Comparison:
     effect: str  # "cohen dz" when paired, else "hedges g"
     p_holm: float | None
     marker: str
+    diff_sd: float | None = None  # sample SD of the paired differences (None when unpaired)
+    n_pairs: int = 0  # seeds in the paired tests (0 when unpaired)
+    detectable: float | None = None  # detectable_difference(diff_sd, n_pairs, m=comparisons made together)
 
 
 def _or_none(function, *args):
@@ -283,7 +286,9 @@ def compare(
         wilcoxon_result = _or_none(wilcoxon, xp, yp)
         wilcoxon_p = wilcoxon_result[1] if wilcoxon_result else None
         effect_size, effect, test = _or_none(cohens_dz, xp, yp), "cohen dz", "paired t"
+        diff_sd, n_pairs = (_std(xp - yp) if primary else None), len(shared)  # no SD where t is undefined
     else:
+        diff_sd, n_pairs = None, 0
         primary, paired_p, wilcoxon_p = welch_result, None, None
         effect_size, effect, test = _or_none(hedges_g, x, y), "hedges g", "welch t"
     t, p = primary if primary else (None, None)
@@ -304,6 +309,9 @@ def compare(
         effect=effect,
         p_holm=p,
         marker=marker(p),
+        diff_sd=diff_sd,
+        n_pairs=n_pairs,
+        detectable=detectable_difference(diff_sd, n_pairs),
     )
 
 
@@ -313,7 +321,8 @@ def compare_all(
     """Every group except ``baseline`` against it (in the groups' order), Holm-corrected across these comparisons.
 
     Pass the groups of one cell (one task and label fraction) at a time: the correction covers exactly the
-    comparisons made together. ``p_holm`` and ``marker`` come from the corrected p-values.
+    comparisons made together. ``p_holm`` and ``marker`` come from the corrected p-values, and ``detectable`` is
+    :func:`detectable_difference` with m = the number of comparisons that have a p-value.
     """
     if baseline not in groups:
         raise ValueError(
@@ -326,7 +335,32 @@ def compare_all(
         if name != baseline
     ]
     adjusted = holm([c.p for c in comparisons])
-    return [replace(c, p_holm=q, marker=marker(q)) for c, q in zip(comparisons, adjusted)]
+    m = max(1, sum(c.p is not None for c in comparisons))
+    return [replace(c, p_holm=q, marker=marker(q), detectable=detectable_difference(c.diff_sd, c.n_pairs, m=m))
+            for c, q in zip(comparisons, adjusted)]
+
+
+def detectable_difference(sd: float | None, n: int, *, m: int = 1, alpha: float = 0.05,
+                          power: float = 0.8) -> float | None:
+    """Smallest true mean paired difference a paired t-test over ``n`` trials detects with probability ``power``
+    at two-sided level ``alpha`` after a Holm correction over ``m`` comparisons, given the SD of the differences.
+
+    ``(t(1 - alpha / (2m), n-1) + t(power, n-1)) * sd / sqrt(n)``: the usual normal-shift approximation of the
+    noncentral t, with quantiles of Student's t. The level is Bonferroni's ``alpha / m``, which is Holm's first (and
+    strictest) step: an effect this large is rejected by Holm whatever the other comparisons do, so for Holm the
+    figure is an upper bound (exact for the single best comparison, conservative for the others). ``None`` when it
+    is undefined: ``sd`` None (not estimable) or fewer than two trials.
+    """
+    if not 0.0 < alpha < 1.0 or not 0.0 < power < 1.0:
+        raise ValueError(f"detectable_difference: alpha and power must lie in (0, 1), got {alpha!r} and {power!r}")
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"detectable_difference: m (the number of comparisons) must be a positive integer, got {m!r}")
+    if sd is None or n < 2:
+        return None
+    if not math.isfinite(sd) or sd < 0:
+        raise ValueError(f"detectable_difference: sd must be a finite number >= 0, got {sd!r}")
+    df = n - 1
+    return float((sps.t.ppf(1.0 - alpha / (2 * m), df) + sps.t.ppf(power, df)) * sd / math.sqrt(n))
 
 
 def label_efficiency(curve: Mapping[float, float], target: float, *, higher_is_better: bool = True) -> float | None:

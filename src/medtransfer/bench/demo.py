@@ -27,6 +27,11 @@ Why this design (measured, docs/performance.md "Designing the demo"), chosen fro
   data" rather than transfer (to run it, add an init with ``pretrain: {method: med3d, ...}`` to the demo's
   ``grid.yaml`` and run it with ``medtransfer benchmark``).
 
+On disk the grid shares one prepared cache per intensity pipeline and keeps no weights of a finished run
+(``keep: none``): what is left is the data, the store, the runs' metrics, curves and evaluations, the two pretrained
+initialisations and the report. To keep each run's ``best.pt`` (for ``evaluate``/``predict`` later), run the
+demo's ``grid.yaml`` into a new folder: ``medtransfer benchmark runs/demo/grid.yaml --out NEW --set keep=best``.
+
 ``--quick`` (what the tests run): a few steps, two initialisations and two trials; it checks the machinery, not the
 science. The numbers are whatever the runs give: the report never edits them.
 """
@@ -75,6 +80,7 @@ def demo_config(root: Path, *, quick: bool = False) -> dict[str, Any]:
         "trials": steps["trials"],
         "baseline": "scratch",
         "test_fraction": 0.25,
+        "keep": "none",  # a finished run keeps its metrics, curves and evaluation, not its weights (< 150 MB left)
         "finetune": {
             "data": {"patch_size": [32, 32, 32], "batch_size": 2, "val_fraction": 0.2},
             "optim": {"name": "adam", "lr": steps["lr"]},

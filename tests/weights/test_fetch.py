@@ -333,3 +333,19 @@ def test_an_unrecorded_hash_is_reported_with_the_one_computed(served_medicalnet,
         done = fetch_pretrained(unrecorded, progress=False)
     assert not done.verified and done.sha256 == hashlib.sha256(body).hexdigest()
     assert f"sha256 not recorded in its PretrainedCfg, so the file is unverified; computed {done.sha256}" in caplog.text
+
+
+def test_a_finetune_config_with_model_download_fetches_before_the_data_is_read(served_medicalnet, server, tmp_path):
+    from medtransfer.errors import MedTransferError
+    from medtransfer.train.config import load_config
+    from medtransfer.train.finetune import check_weights
+
+    _, cfg, body = served_medicalnet
+    base = {"model": {"name": "medicalnet_resnet10", "task": "classification", "num_classes": 2}, "out": "x"}
+    with pytest.raises(WeightsNotFoundError, match="never downloads unless asked"):
+        check_weights(load_config({**base, "model": {**base["model"], "pretrained": True}}))
+    assert server.requests == []
+    check_weights(load_config({**base, "model": {**base["model"], "pretrained": True, "download": True}}))
+    assert (tmp_path / "home" / "weights" / cfg.file_name).read_bytes() == body and len(server.requests) == 1
+    with pytest.raises(MedTransferError, match="model.download: true fetches the published weights"):
+        check_weights(load_config({**base, "model": {**base["model"], "pretrained": "file.pth", "download": True}}))

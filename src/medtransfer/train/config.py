@@ -43,6 +43,8 @@ class ModelConfig(_Section):
     # how the file's input convolution is fitted to another stem depth/channel count ("center_pad+average", ...)
     adapt_stem: Optional[str] = None
     skip: list[str] = Field(default_factory=list)  # shell patterns of file keys left out (the model keeps its own)
+    # with pretrained: true, fetch the published file from its official address when the cache lacks it (zoo fetch)
+    download: bool = False
 
     @field_validator("adapt_stem")
     @classmethod

@@ -151,10 +151,14 @@ def check_weights(cfg: FinetuneConfig) -> None:
     written: a missing file or one that fits no model fails here, naming the file, not after the cache is filled.
 
     The model is built on the meta device (no memory, no initialisation) by ``create_model`` itself, so the check
-    is the load's own; the real model is built later with the dataset's class count."""
+    is the load's own; the real model is built later with the dataset's class count. ``model.download`` fetches a
+    published file missing from the weights cache here, once (under torchrun: run ``medtransfer zoo fetch`` first)."""
     import warnings
 
     pretrained = _pretrained_value(cfg)
+    if cfg.model.download and pretrained is not True:
+        raise MedTransferError(f"model.download: true fetches the published weights of model.pretrained: true; "
+                               f"model.pretrained is {pretrained!r}")
     if pretrained is False:
         return
     from ..zoo.builder import create_model
@@ -165,7 +169,8 @@ def check_weights(cfg: FinetuneConfig) -> None:
         create_model(cfg.model.name, task="features" if detection else cfg.model.task,
                      num_classes=None if detection else cfg.model.num_classes,
                      in_channels=cfg.model.in_channels, pretrained=pretrained,
-                     adapt_stem=cfg.model.adapt_stem, skip=cfg.model.skip, **cfg.model.arch)
+                     adapt_stem=cfg.model.adapt_stem, skip=cfg.model.skip, download=cfg.model.download,
+                     **cfg.model.arch)
 
 
 def resolve_contract(cfg: FinetuneConfig, spatial_dims: int, modality: Any = None) -> dict[str, Any]:

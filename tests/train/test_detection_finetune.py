@@ -103,6 +103,31 @@ def test_detection_evaluate_writes_hits_and_froc(finished):
     assert rows[0] == "case_id,lesions,hit,missed,detections,false_positives"
 
 
+def test_detection_evaluate_data_reads_boxes_of_another_luna_folder(tmp_path, finished):
+    # a second LUNA16 folder is read as the run read its own (format luna16, task detection): its nodules are
+    # scored, where a bare load_dataset gave a dataset without boxes
+    other = write_detection_phantoms(tmp_path / "luna2", 2, 7, "luna16")
+    ev = evaluate(finished, data_path=other)
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["split"] == "all" and summary["cases"] == 2 and summary["protocol"] == "luna16"
+    assert {"cpm", "sensitivity@0.125", "sensitivity@8", "map_iou0.1"} <= set(summary["metrics"])
+    hits = json.loads((ev / "hits.json").read_text())["cases"]
+    cache = PreparedCache(ev / "cache")
+    assert sorted(h["case_id"] for h in hits) == sorted(cache.case_ids())
+    assert [len(h["lesions"]) for h in hits] == [len(cache.boxes(h["case_id"])[0]) for h in hits]
+    assert all(len(h["lesions"]) >= 1 for h in hits)
+
+
+def test_detection_evaluate_data_of_another_task_is_refused(tmp_path, finished):
+    from medtransfer.data.phantoms import write_phantom_dataset
+
+    seg = write_phantom_dataset(tmp_path / "seg", 2, 0, shape=(16, 16, 16), with_2d=False)
+    # read as the run's format (luna16, task detection): a clear error naming what is missing, before writing
+    with pytest.raises(MedTransferError, match="seg: task='detection' needs annotations.csv"):
+        evaluate(finished, data_path=seg)
+    assert not (finished / "evaluation-seg").exists()
+
+
 def test_detection_predict_boxes_json_and_label_map(tmp_path, luna, finished):
     import SimpleITK as sitk
 
@@ -137,3 +162,8 @@ def test_detection_25d_deeplesion_phantoms(tmp_path):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert {"sensitivity@0.5", "sensitivity@16", "cpm", "map_iou0.1"} <= set(records[-1]["val"])
     assert (out / "checkpoints" / "best.pt").is_file()
+    # predict reads 3D volumes only: a 2.5D run is refused with the way to score it, before anything is written
+    key = sorted((root / "Images_png").rglob("*.png"))[0]
+    with pytest.raises(MedTransferError, match=r"2D \(2.5D\) detection run.*`medtransfer evaluate RUN --split test`"):
+        predict(out, [key], tmp_path / "pred")
+    assert not (tmp_path / "pred").exists()

@@ -225,6 +225,24 @@ def _original_label(meta: dict[str, Any], case_id: str) -> np.ndarray:
     return np.asarray(read_image(source).array)
 
 
+def _evaluation_dataset(cfg, run: dict[str, Any], data_path: str | Path):
+    """The dataset at ``data_path`` read as the run read its own: the run's ``data.format`` and layout options
+    (a LUNA16 folder then comes with its nodule boxes); a LUNA16 folder given to a detection run is read for
+    detection even when the run's own data were the built-in phantoms (no options in its config)."""
+    from ..data.datasets import detect_format, load_dataset
+
+    fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(Path(data_path))
+    options = dict(cfg.data.options or {})
+    if run["task"] == "detection" and fmt == "luna16":
+        options.setdefault("task", "detection")
+    dataset = load_dataset(data_path, format=fmt, **options)
+    if dataset.task != run["task"]:
+        raise MedTransferError(f"{data_path}: a {dataset.task} dataset (format {fmt}), but the run is a {run['task']} "
+                               "run; give it data of the run's task (or the layout options that make it so, as "
+                               "data.options in the run's config.yaml)")
+    return dataset
+
+
 def evaluate(
     run_dir: str | Path, data_path: Optional[str | Path] = None, *, split: str = "val", grid: str = "original",
     overwrite: bool = False, window_size: Optional[Sequence[int]] = None, overlap: Optional[float] = None,
@@ -238,7 +256,6 @@ def evaluate(
     Segmentation is scored on the original label grid by default (probabilities mapped back, see the module
     docstring); ``grid="prepared"`` scores on the resampled grid the network saw, against the prepared label."""
     from ..data.cache import PreparedCache
-    from ..data.datasets import load_dataset
     from ..data.geometry import Grid, labels_back, original_grid
     from ..data.preprocess import Pipeline
     from ..data.splits import Split
@@ -260,7 +277,7 @@ def evaluate(
         parts = Split.load(run_dir / "split.json")
         ids = cache.case_ids() if split == "all" else list(getattr(parts, split))
     else:
-        dataset = load_dataset(data_path)
+        dataset = _evaluation_dataset(cfg, run, data_path)
         out = _evaluation_dir(run_dir, dataset.name or Path(data_path).name, split, overwrite)
         cache = PreparedCache(out / "cache")
         cache.prepare(dataset, Pipeline.from_dict(run["pipeline"]), workers=1, progress=False)

@@ -162,6 +162,14 @@ def test_detection_25d_deeplesion_phantoms(tmp_path):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert {"sensitivity@0.5", "sensitivity@16", "cpm", "map_iou0.1"} <= set(records[-1]["val"])
     assert (out / "checkpoints" / "best.pt").is_file()
+    # DeepLesion's Train_Val_Test is the run's split (the phantoms: patients 1, 2 train, 3 val, 4 test; a case is
+    # a key slice <patient>_<study>_<series>_<slice>), not drawn from val_fraction
+    split = json.loads((out / "split.json").read_text())
+    patients = {part: sorted({c[:6] for c in split[part]}) for part in ("train", "val", "test")}
+    assert split["method"] == "dataset" and patients == {"train": ["000001", "000002"], "val": ["000003"],
+                                                         "test": ["000004"]}
+    assert json.loads((out / "contract.json").read_text())["split"] == {
+        "method": "dataset", "source": "DL_info.csv column Train_Val_Test"}
     # predict reads 3D volumes only: a 2.5D run is refused with the way to score it, before anything is written
     key = sorted((root / "Images_png").rglob("*.png"))[0]
     with pytest.raises(MedTransferError, match=r"2D \(2.5D\) detection run.*`medtransfer evaluate RUN --split test`"):

@@ -13,6 +13,7 @@ import torch
 from medtransfer.data.cache import PreparedCache
 from medtransfer.data.phantoms_detection import write_detection_phantoms
 from medtransfer.errors import MedTransferError
+from medtransfer.data.datasets import load_dataset
 from medtransfer.train.finetune import evaluate, predict, run_finetune
 from medtransfer.train.torchdata import BoxPatchDataset
 
@@ -149,7 +150,9 @@ def test_detection_predict_boxes_json_and_label_map(tmp_path, luna, finished):
 def test_detection_25d_deeplesion_phantoms(tmp_path):
     root = write_detection_phantoms(tmp_path / "dl", 4, 0, "deeplesion")
     out = tmp_path / "run"
-    cfg = {"model": {"name": "resnet50_2d", "task": "detection", "detector": {"fpn_channels": 16}},
+    # score_thresh 0: the 3-step model's boxes all kept, so predict below has detections to write
+    cfg = {"model": {"name": "resnet50_2d", "task": "detection",
+                     "detector": {"fpn_channels": 16, "score_thresh": 0.0, "detections_per_image": 5}},
            "data": {"path": str(root), "format": "deeplesion", "patch_size": [48, 48], "batch_size": 2,
                     "val_fraction": 0.25, "test_fraction": 0.0},
            "optim": {"lr": 1e-3}, "out": str(out),
@@ -170,8 +173,30 @@ def test_detection_25d_deeplesion_phantoms(tmp_path):
                                                          "test": ["000004"]}
     assert json.loads((out / "contract.json").read_text())["split"] == {
         "method": "dataset", "source": "DL_info.csv column Train_Val_Test"}
-    # predict reads 3D volumes only: a 2.5D run is refused with the way to score it, before anything is written
-    key = sorted((root / "Images_png").rglob("*.png"))[0]
-    with pytest.raises(MedTransferError, match=r"2D \(2.5D\) detection run.*`medtransfer evaluate RUN --split test`"):
-        predict(out, [key], tmp_path / "pred")
-    assert not (tmp_path / "pred").exists()
+    # predict on a key-slice PNG: its neighbours and spacing from DL_info.csv, boxes in pixel and world coordinates
+    dataset = load_dataset(root)
+    case = dataset.cases[0]
+    pred = tmp_path / "pred"
+    written = predict(out, [case.images[0]], pred)
+    assert [p.name for p in written] == [f"{case.case_id}.boxes.json"]
+    js = json.loads(written[0].read_text())
+    assert js["slices"] == dataset.description["slices"][case.case_id] and len(js["slices"]) == 9
+    sy, sx = dataset.description["spacing"][case.case_id][:2]
+    assert len(js["detections"]) == 5
+    for det in js["detections"]:
+        r0, c0, r1, c1 = det["voxel"]
+        assert det["pixel_xyxy"] == pytest.approx([c0 - 0.5, r0 - 0.5, c1 - 0.5, r1 - 0.5])
+        x1, y1, x2, y2 = det["pixel_xyxy"]
+        assert det["world_cxcywh"] == pytest.approx([(x1 + x2) / 2 * sx, (y1 + y2) / 2 * sy, (x2 - x1) * sx,
+                                                     (y2 - y1) * sy])
+    # the whole folder: one file per key slice; refused before writing when one exists, or for a 3D volume
+    with pytest.raises(MedTransferError, match="exist already, nothing was written"):
+        predict(out, [root], pred)
+    assert sorted(p.name for p in pred.iterdir()) == [f"{case.case_id}.boxes.json"]
+    assert len(predict(out, [root], tmp_path / "all")) == len(dataset.cases)
+    volume = write_detection_phantoms(tmp_path / "luna", 1, 0, "luna16")
+    with pytest.raises(MedTransferError, match="predicts DeepLesion key slices"):
+        predict(out, [sorted((volume / "subset0").glob("*.mhd"))[0]], tmp_path / "none")
+    with pytest.raises(MedTransferError, match="--box-labels draws label maps of 3D volumes"):
+        predict(out, [root], tmp_path / "none", box_labels=True)
+    assert not (tmp_path / "none").exists()

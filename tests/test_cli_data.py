@@ -76,3 +76,39 @@ def test_bad_paths_and_options_fail_clearly(tmp_path):
     assert result.exit_code == 2 and "nope" in result.output
     result = runner.invoke(app, ["data", "phantoms", "--out", str(tmp_path / "x"), "--size", "8"])
     assert result.exit_code == 2 and "at least 16 voxels" in result.output
+
+
+@pytest.mark.parametrize("layout,fmt,options", [("luna16", "luna16", ["--task", "detection"]),
+                                                ("datalist", "monai_detection", []),
+                                                ("deeplesion", "deeplesion", [])])
+def test_detection_phantoms_then_inspect_is_clean(tmp_path, layout, fmt, options):
+    from medtransfer.data.datasets import load_dataset
+
+    out = tmp_path / layout
+    result = runner.invoke(app, ["data", "phantoms", "--out", str(out), "--n", "2", "--layout", layout])
+    assert result.exit_code == 0, result.output
+    assert f"wrote 2 {layout} detection phantom cases" in result.output
+    result = runner.invoke(app, ["data", "inspect", str(out), "--format", fmt, *options, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["ok"] and report["format"] == fmt
+    dataset = load_dataset(out, format=fmt, **({"task": "detection"} if options else {}))
+    assert dataset.task == "detection" and all(len(c.boxes) >= 1 for c in dataset.cases)
+    if layout == "luna16":
+        assert (out / "candidates.csv").is_file() and len(list((out / "subset0").glob("*.mhd"))) == 2
+
+
+def test_detection_phantoms_refuse_a_folder_that_is_not_empty(tmp_path):
+    out = tmp_path / "luna"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["data", "phantoms", "--out", str(out), "--n", "1", "--layout", "luna16"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "is not empty; nothing was written" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    result = runner.invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (out / "annotations.csv").is_file() and (out / "notes.txt").read_text() == "mine"
+    result = runner.invoke(app, ["data", "phantoms", "--out", str(tmp_path / "x"), "--layout", "coco"])
+    assert result.exit_code == 2 and "--layout 'coco': choose one of msd, luna16, datalist, deeplesion" in result.output
+    assert not (tmp_path / "x").exists()

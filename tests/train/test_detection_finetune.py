@@ -13,6 +13,7 @@ import torch
 from medtransfer.data.cache import PreparedCache
 from medtransfer.data.phantoms_detection import write_detection_phantoms
 from medtransfer.errors import MedTransferError
+from medtransfer.data.datasets import load_dataset
 from medtransfer.train.finetune import evaluate, predict, run_finetune
 from medtransfer.train.torchdata import BoxPatchDataset
 
@@ -103,6 +104,31 @@ def test_detection_evaluate_writes_hits_and_froc(finished):
     assert rows[0] == "case_id,lesions,hit,missed,detections,false_positives"
 
 
+def test_detection_evaluate_data_reads_boxes_of_another_luna_folder(tmp_path, finished):
+    # a second LUNA16 folder is read as the run read its own (format luna16, task detection): its nodules are
+    # scored, where a bare load_dataset gave a dataset without boxes
+    other = write_detection_phantoms(tmp_path / "luna2", 2, 7, "luna16")
+    ev = evaluate(finished, data_path=other)
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["split"] == "all" and summary["cases"] == 2 and summary["protocol"] == "luna16"
+    assert {"cpm", "sensitivity@0.125", "sensitivity@8", "map_iou0.1"} <= set(summary["metrics"])
+    hits = json.loads((ev / "hits.json").read_text())["cases"]
+    cache = PreparedCache(ev / "cache")
+    assert sorted(h["case_id"] for h in hits) == sorted(cache.case_ids())
+    assert [len(h["lesions"]) for h in hits] == [len(cache.boxes(h["case_id"])[0]) for h in hits]
+    assert all(len(h["lesions"]) >= 1 for h in hits)
+
+
+def test_detection_evaluate_data_of_another_task_is_refused(tmp_path, finished):
+    from medtransfer.data.phantoms import write_phantom_dataset
+
+    seg = write_phantom_dataset(tmp_path / "seg", 2, 0, shape=(16, 16, 16), with_2d=False)
+    # read as the run's format (luna16, task detection): a clear error naming what is missing, before writing
+    with pytest.raises(MedTransferError, match="seg: task='detection' needs annotations.csv"):
+        evaluate(finished, data_path=seg)
+    assert not (finished / "evaluation-seg").exists()
+
+
 def test_detection_predict_boxes_json_and_label_map(tmp_path, luna, finished):
     import SimpleITK as sitk
 
@@ -124,7 +150,9 @@ def test_detection_predict_boxes_json_and_label_map(tmp_path, luna, finished):
 def test_detection_25d_deeplesion_phantoms(tmp_path):
     root = write_detection_phantoms(tmp_path / "dl", 4, 0, "deeplesion")
     out = tmp_path / "run"
-    cfg = {"model": {"name": "resnet50_2d", "task": "detection", "detector": {"fpn_channels": 16}},
+    # score_thresh 0: the 3-step model's boxes all kept, so predict below has detections to write
+    cfg = {"model": {"name": "resnet50_2d", "task": "detection",
+                     "detector": {"fpn_channels": 16, "score_thresh": 0.0, "detections_per_image": 5}},
            "data": {"path": str(root), "format": "deeplesion", "patch_size": [48, 48], "batch_size": 2,
                     "val_fraction": 0.25, "test_fraction": 0.0},
            "optim": {"lr": 1e-3}, "out": str(out),
@@ -137,3 +165,38 @@ def test_detection_25d_deeplesion_phantoms(tmp_path):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert {"sensitivity@0.5", "sensitivity@16", "cpm", "map_iou0.1"} <= set(records[-1]["val"])
     assert (out / "checkpoints" / "best.pt").is_file()
+    # DeepLesion's Train_Val_Test is the run's split (the phantoms: patients 1, 2 train, 3 val, 4 test; a case is
+    # a key slice <patient>_<study>_<series>_<slice>), not drawn from val_fraction
+    split = json.loads((out / "split.json").read_text())
+    patients = {part: sorted({c[:6] for c in split[part]}) for part in ("train", "val", "test")}
+    assert split["method"] == "dataset" and patients == {"train": ["000001", "000002"], "val": ["000003"],
+                                                         "test": ["000004"]}
+    assert json.loads((out / "contract.json").read_text())["split"] == {
+        "method": "dataset", "source": "DL_info.csv column Train_Val_Test"}
+    # predict on a key-slice PNG: its neighbours and spacing from DL_info.csv, boxes in pixel and world coordinates
+    dataset = load_dataset(root)
+    case = dataset.cases[0]
+    pred = tmp_path / "pred"
+    written = predict(out, [case.images[0]], pred)
+    assert [p.name for p in written] == [f"{case.case_id}.boxes.json"]
+    js = json.loads(written[0].read_text())
+    assert js["slices"] == dataset.description["slices"][case.case_id] and len(js["slices"]) == 9
+    sy, sx = dataset.description["spacing"][case.case_id][:2]
+    assert len(js["detections"]) == 5
+    for det in js["detections"]:
+        r0, c0, r1, c1 = det["voxel"]
+        assert det["pixel_xyxy"] == pytest.approx([c0 - 0.5, r0 - 0.5, c1 - 0.5, r1 - 0.5])
+        x1, y1, x2, y2 = det["pixel_xyxy"]
+        assert det["world_cxcywh"] == pytest.approx([(x1 + x2) / 2 * sx, (y1 + y2) / 2 * sy, (x2 - x1) * sx,
+                                                     (y2 - y1) * sy])
+    # the whole folder: one file per key slice; refused before writing when one exists, or for a 3D volume
+    with pytest.raises(MedTransferError, match="exist already, nothing was written"):
+        predict(out, [root], pred)
+    assert sorted(p.name for p in pred.iterdir()) == [f"{case.case_id}.boxes.json"]
+    assert len(predict(out, [root], tmp_path / "all")) == len(dataset.cases)
+    volume = write_detection_phantoms(tmp_path / "luna", 1, 0, "luna16")
+    with pytest.raises(MedTransferError, match="predicts DeepLesion key slices"):
+        predict(out, [sorted((volume / "subset0").glob("*.mhd"))[0]], tmp_path / "none")
+    with pytest.raises(MedTransferError, match="--box-labels draws label maps of 3D volumes"):
+        predict(out, [root], tmp_path / "none", box_labels=True)
+    assert not (tmp_path / "none").exists()

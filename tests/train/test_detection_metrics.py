@@ -145,3 +145,14 @@ def test_detection_metrics_merge_equals_single_process():
     whole.reset()
     assert whole.compute() == {"cpm": pytest.approx(float("nan"), nan_ok=True),
                                "map_iou0.1": pytest.approx(float("nan"), nan_ok=True)}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_detection_metrics_no_detections_at_all(dims):
+    # a validation where the detector finds nothing (score threshold above every score): sensitivity 0, not a crash
+    empty = (torch.zeros(0, 2 * dims), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    box = [0.0] * dims + [4.0] * dims
+    metric = DetectionMetrics(_fake_postprocess([[empty, empty]]), protocol="luna16" if dims == 3 else "deeplesion")
+    metric.update(torch.zeros(2), _t([[box + [1]], [[-1] * (2 * dims + 1)]]))
+    out = metric.compute()
+    assert out["cpm"] == 0.0 and out["map_iou0.1"] == 0.0

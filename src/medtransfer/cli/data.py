@@ -113,27 +113,62 @@ def _print_data_report(report) -> None:
         console.print(f"  [{colour}]{p.severity}[/]: {str(p).split(': ', 1)[1]}", highlight=False, soft_wrap=True)
 
 
+PHANTOM_LAYOUTS = ("msd", "luna16", "datalist", "deeplesion")
+
+
 @data_app.command("phantoms")
 def data_phantoms(
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (an MSD-format dataset is written there)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (the dataset is written there)."),
     n: int = typer.Option(8, "--n", min=1, help="Number of cases."),
     seed: int = typer.Option(0, help="Seed: the same seed writes the same dataset."),
-    size: int = typer.Option(64, help="Cube edge in voxels (D = H = W)."),
-    spacing: float = typer.Option(2.5, help="Isotropic voxel spacing in mm."),
-    no_2d: bool = typer.Option(False, "--no-2d", help="Skip the 2D radiograph-like projections."),
+    size: Optional[int] = typer.Option(None, help="Cube edge in voxels (D = H = W); default 64 (msd), "
+                                       "32x48x48 (detection layouts)."),
+    spacing: Optional[float] = typer.Option(None, help="Isotropic voxel spacing in mm; default 2.5 (msd), "
+                                            "2.5x2x2 (detection layouts)."),
+    no_2d: bool = typer.Option(False, "--no-2d", help="msd: skip the 2D radiograph-like projections."),
+    layout: str = typer.Option("msd", "--layout", help="msd (segmentation, classification, 2D), or detection "
+                               "phantoms with nodule boxes: luna16 (subset0/*.mhd, annotations.csv, candidates.csv), "
+                               "datalist (MONAI detection dataset.json) or deeplesion (DL_info.csv, Images_png/)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Detection layouts: write into a folder that "
+                                   "is not empty."),
 ) -> None:
-    """Write the embedded synthetic CT dataset: HU volumes with labels, case classes and 2D projections.
+    """Write the embedded synthetic CT dataset: HU volumes with labels, case classes and 2D projections; or, with
+    --layout luna16|datalist|deeplesion, detection phantoms (several nodules of several sizes, instance masks and
+    boxes; LUNA16's candidate list with true and false candidates) to try detection and nodule candidate
+    classification with no download.
 
-    Labels: 0 background, 1 lung, 2 heart, 3 liver, 4 spine, 5 vessel, 6 lesion. Case class (classification.csv):
-    1 = a malignant lung nodule. 2D: radiograph-like projections, lung masks and findings (nodule, cardiomegaly,
-    effusion). The same seed writes the same files.
+    Labels (msd): 0 background, 1 lung, 2 heart, 3 liver, 4 spine, 5 vessel, 6 lesion. Case class
+    (classification.csv): 1 = a malignant lung nodule. 2D: radiograph-like projections, lung masks and findings
+    (nodule, cardiomegaly, effusion). The same seed writes the same files.
     """
-    from ..data.phantoms import write_phantom_dataset
     from ..paths import check_output_dir
 
+    if layout not in PHANTOM_LAYOUTS:
+        _fail(f"--layout {layout!r}: choose one of {', '.join(PHANTOM_LAYOUTS)}", code=2)
     check_output_dir(out, "--out")
-    path = write_phantom_dataset(out, n, seed, shape=(size, size, size), spacing=(spacing,) * 3, with_2d=not no_2d)
-    console.print(f"wrote {n} phantom cases to [bold]{path}[/]")
+    if layout == "msd":
+        from ..data.phantoms import write_phantom_dataset
+
+        size, spacing = size or 64, spacing or 2.5
+        path = write_phantom_dataset(out, n, seed, shape=(size, size, size), spacing=(spacing,) * 3,
+                                     with_2d=not no_2d)
+        console.print(f"wrote {n} phantom cases to [bold]{path}[/]")
+        return
+    from ..data.phantoms_detection import write_detection_phantoms
+
+    if no_2d:
+        _fail(f"--no-2d applies to --layout msd; --layout {layout} writes no 2D projections", code=2)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        _fail(f"--out {out} is not empty; nothing was written: choose an empty or new folder, or pass --overwrite",
+              code=2)
+    if size is not None and size < 16:
+        _fail(f"--size {size}: detection phantoms need at least 16 voxels per axis", code=2)
+    shape = {"shape": (size,) * 3} if size is not None else {}
+    grid = {"spacing": (spacing,) * 3} if spacing is not None else {}
+    path = write_detection_phantoms(out, n, seed, layout, **shape, **grid)
+    how = {"luna16": "--format luna16 with task=detection", "datalist": "--format monai_detection",
+           "deeplesion": "--format deeplesion"}[layout]
+    console.print(f"wrote {n} {layout} detection phantom cases to [bold]{path}[/] (read them with {how})")
 
 
 @data_app.command("cubes")

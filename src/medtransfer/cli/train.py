@@ -130,8 +130,9 @@ def _window(text: Optional[str]) -> Optional[list[int]]:
 @train_app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A finetune run folder."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Another dataset (default: the run's); scored into "
-                                        "RUN_DIR/evaluation-<dataset name>."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Another dataset (default: the run's), read with the "
+                                        "run's data.format and data.options (a LUNA16 folder with its boxes for a "
+                                        "detection run); scored into RUN_DIR/evaluation-<dataset name>."),
     split: str = typer.Option("val", "--split", help="val, test or all (the run's data only)."),
     grid: str = typer.Option("original", "--grid", help="Score segmentation on the original label grid "
                              "(probabilities mapped back) or on the prepared (resampled) grid."),
@@ -155,8 +156,9 @@ def evaluate(
 
 @train_app.command()
 def predict(
-    run_dir: Path = typer.Argument(..., help="A segmentation or 3D detection finetune run folder."),
-    inputs: list[Path] = typer.Argument(..., help="Images to segment, or volumes to detect lesions in."),
+    run_dir: Path = typer.Argument(..., help="A segmentation or detection finetune run folder."),
+    inputs: list[Path] = typer.Argument(..., help="Images to segment, volumes to detect lesions in (3D "
+                                      "detection), or DeepLesion folders / key-slice PNGs (2.5D detection)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the label maps (default: RUN_DIR/predictions)."),
     window: Optional[str] = window_opt,
     overlap: Optional[float] = overlap_opt,
@@ -172,8 +174,10 @@ def predict(
 ) -> None:
     """Write a label map per input (NIfTI by default), on the input's grid (class probabilities mapped back by
     world coordinates, then the argmax). Detection runs write <name>.boxes.json: every box with its score and
-    label, in voxel corners on the input's grid and in world (LPS mm, cccwhd) coordinates. Clashing output names
-    are refused before anything is written."""
+    label, in voxel corners on the input's grid and in world (LPS mm, cccwhd) coordinates; 2.5D (DeepLesion) runs
+    take a DeepLesion folder or key-slice PNGs (neighbours and spacing from its DL_info.csv) and write
+    <case>.boxes.json with pixel boxes (also as DeepLesion's x1, y1, x2, y2) and world boxes (cx, cy, w, h mm).
+    Clashing output names are refused before anything is written."""
     from ..paths import check_output_dir
     from ..train.apply import predict as run_predict
 

@@ -185,6 +185,36 @@ def make_split(
     return Split(train=train, val=parts["val"], test=parts["test"], seed=seed, method=method, params=params)
 
 
+def dataset_split(
+    parts: Mapping[str, str],
+    case_ids: Iterable[str],
+    *,
+    fraction: float = 1.0,
+    seed: int = 0,
+    targets: Mapping[str, Hashable | list] | None = None,
+    source: str = "",
+) -> Split:
+    """The split a dataset ships (``parts``: case id -> ``train``, ``val`` or ``test``, as the DeepLesion and MONAI
+    datalist readers keep it in ``description["split"]``); ``fraction`` of its training cases stay labelled, the
+    nested subset :func:`label_fraction` gives (val and test stay whole). Every case must have a known part, and
+    the training part must not be empty."""
+    ids = _unique(case_ids)
+    missing = [cid for cid in ids if cid not in parts]
+    if missing:
+        raise SplitError(f"the dataset's split names no part for {len(missing)} case(s), e.g. {missing[:3]}; fix: "
+                         "give every case its part, or draw a split with data.split: random")
+    wrong = sorted({str(parts[cid]) for cid in ids} - {"train", "val", "test"})
+    if wrong:
+        raise SplitError(f"the dataset's split has unknown part(s) {wrong}; the parts are train, val and test")
+    by = {name: sorted(cid for cid in ids if parts[cid] == name) for name in ("train", "val", "test")}
+    if not by["train"]:
+        raise SplitError("the dataset's split has no training cases; fix the dataset, or draw a split with "
+                         "data.split: random")
+    train = label_fraction(by["train"], fraction, seed=seed, targets=targets) if fraction < 1 else by["train"]
+    return Split(train=train, val=by["val"], test=by["test"], seed=seed, method="dataset",
+                 params={"fraction": fraction, "source": source})
+
+
 def _unique(case_ids: Iterable[str]) -> list[str]:
     ids = [str(c) for c in case_ids]
     dupes = sorted(c for c, n in Counter(ids).items() if n > 1)

@@ -225,6 +225,24 @@ def _original_label(meta: dict[str, Any], case_id: str) -> np.ndarray:
     return np.asarray(read_image(source).array)
 
 
+def _evaluation_dataset(cfg, run: dict[str, Any], data_path: str | Path):
+    """The dataset at ``data_path`` read as the run read its own: the run's ``data.format`` and layout options
+    (a LUNA16 folder then comes with its nodule boxes); a LUNA16 folder given to a detection run is read for
+    detection even when the run's own data were the built-in phantoms (no options in its config)."""
+    from ..data.datasets import detect_format, load_dataset
+
+    fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(Path(data_path))
+    options = dict(cfg.data.options or {})
+    if run["task"] == "detection" and fmt == "luna16":
+        options.setdefault("task", "detection")
+    dataset = load_dataset(data_path, format=fmt, **options)
+    if dataset.task != run["task"]:
+        raise MedTransferError(f"{data_path}: a {dataset.task} dataset (format {fmt}), but the run is a {run['task']} "
+                               "run; give it data of the run's task (or the layout options that make it so, as "
+                               "data.options in the run's config.yaml)")
+    return dataset
+
+
 def evaluate(
     run_dir: str | Path, data_path: Optional[str | Path] = None, *, split: str = "val", grid: str = "original",
     overwrite: bool = False, window_size: Optional[Sequence[int]] = None, overlap: Optional[float] = None,
@@ -238,7 +256,6 @@ def evaluate(
     Segmentation is scored on the original label grid by default (probabilities mapped back, see the module
     docstring); ``grid="prepared"`` scores on the resampled grid the network saw, against the prepared label."""
     from ..data.cache import PreparedCache
-    from ..data.datasets import load_dataset
     from ..data.geometry import Grid, labels_back, original_grid
     from ..data.preprocess import Pipeline
     from ..data.splits import Split
@@ -260,7 +277,7 @@ def evaluate(
         parts = Split.load(run_dir / "split.json")
         ids = cache.case_ids() if split == "all" else list(getattr(parts, split))
     else:
-        dataset = load_dataset(data_path)
+        dataset = _evaluation_dataset(cfg, run, data_path)
         out = _evaluation_dir(run_dir, dataset.name or Path(data_path).name, split, overwrite)
         cache = PreparedCache(out / "cache")
         cache.prepare(dataset, Pipeline.from_dict(run["pipeline"]), workers=1, progress=False)
@@ -474,8 +491,10 @@ def _predict_detection(cfg, run: dict[str, Any], model, run_dir: Path, paths: li
 
     want = run["spatial_dims"]
     if want != 3:
-        raise MedTransferError(f"predict takes 3D volumes; the run at {run_dir} is a {want}D (2.5D) detection run, "
-                               "whose inputs are slice stacks: score its cases with `medtransfer evaluate RUN --split test`")
+        if box_labels:
+            raise MedTransferError(f"--box-labels draws label maps of 3D volumes; the run at {run_dir} is a 2.5D "
+                                   "detection run, whose predictions are boxes JSON only: leave --box-labels out")
+        return _predict_25d(cfg, run, model, run_dir, paths, out_dir, overwrite=overwrite)
     for path in paths:
         shape, _, _, _ = read_header(path)
         if len(shape) != want:
@@ -524,4 +543,85 @@ def _predict_detection(cfg, run: dict[str, Any], model, run_dir: Path, paths: li
                           direction=np.array(original.direction, dtype=float, copy=True), meta=dict(original.meta))
             written.append(write_image(image, lm, like=original))
         _progress("predict", i, len(paths), str(path), started)
+    return written
+
+
+def _deeplesion_inputs(cfg, paths: list[Path]) -> list[tuple[Any, Any]]:
+    """``(dataset, case)`` per key slice the inputs name: a DeepLesion folder gives all its key slices, a key-slice
+    PNG (``<root>/Images_png/<series>/<slice>.png``) its own, with the neighbours and spacing DL_info.csv gives
+    (read with the run's layout options, e.g. ``slices``). Everything is checked before anything is written."""
+    from ..data.datasets import load_dataset
+
+    options = dict(cfg.data.options or {}) if cfg.data.format == "deeplesion" else {}
+    loaded: dict[Path, Any] = {}
+    found, seen = [], set()
+    for path in paths:
+        root = path if path.is_dir() else path.parent.parent.parent
+        if not (path.is_dir() or path.suffix.lower() == ".png") or not (
+                options.get("info") or (root / "DL_info.csv").is_file()):
+            raise MedTransferError(f"{path}: a 2.5D detection run predicts DeepLesion key slices; give a DeepLesion "
+                                   "folder (DL_info.csv, Images_png/) or a key-slice PNG inside one "
+                                   "(Images_png/<series>/<slice>.png), nothing was written")
+        if root not in loaded:
+            loaded[root] = load_dataset(root, format="deeplesion", **options)
+        dataset = loaded[root]
+        cases = dataset.cases if path.is_dir() else [
+            c for c in dataset.cases if Path(c.images[0]).resolve() == path.resolve()]
+        if not cases:
+            raise MedTransferError(f"{path}: not a key slice that {root / 'DL_info.csv'} lists (its neighbouring "
+                                   "slices and pixel spacing come from there); give a listed slice, nothing was "
+                                   "written")
+        for case in cases:
+            if case.case_id not in seen:
+                seen.add(case.case_id)
+                found.append((dataset, case))
+    return found
+
+
+def _predict_25d(cfg, run: dict[str, Any], model, run_dir: Path, paths: list[Path], out_dir: Path, *,
+                 overwrite: bool) -> list[Path]:
+    """``<out_dir>/<case>.boxes.json`` per DeepLesion key slice (:func:`_deeplesion_inputs`): the key slice and
+    its neighbours stacked as the run's cache stacks them, prepared with the run's pipeline; every detection's
+    score, label, pixel box on the key slice (array order, corners), the same box as DeepLesion writes
+    ``Bounding_boxes`` (``x1, y1, x2, y2``, pixel centres at integers) and its world box (``cx, cy, w, h`` in mm
+    on DL_info's pixel spacing, origin at pixel (0, 0))."""
+    from ..data.boxes import boxes_to_original
+    from ..data.datasets.detection import DeepLesionReader
+    from ..data.preprocess import Pipeline
+    from .finetune import _write_json
+
+    inputs = _deeplesion_inputs(cfg, paths)
+    jsons = [out_dir / f"{case.case_id}.boxes.json" for _, case in inputs]
+    existing = [str(t) for t in jsons if t.exists()]
+    if existing and not overwrite:
+        raise MedTransferError(f"{len(existing)} output file(s) exist already, nothing was written: "
+                               f"{', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}; choose another "
+                               "--out folder or pass --overwrite")
+    pipeline = Pipeline.from_dict(run["pipeline"])
+    written: list[Path] = []
+    for i, ((dataset, case), js) in enumerate(zip(inputs, jsons), 1):
+        started = time.perf_counter()
+        original = DeepLesionReader.of(dataset).for_case(case)(Path(case.images[0]))
+        if original.array.shape[0] != run["in_channels"]:
+            raise MedTransferError(f"{case.images[0]}: a stack of {original.array.shape[0]} slices, but the run at "
+                                   f"{run_dir} takes {run['in_channels']}; read it with the run's slices= option")
+        prepared = pipeline(original)
+        boxes, scores, labels = detect_case(model, prepared.array, run)
+        meta = {"shape": list(np.shape(prepared.array)[-2:]), "spacing": list(prepared.spacing),
+                "origin": list(prepared.origin), "direction": np.asarray(prepared.direction).tolist(),
+                "preprocess": prepared.meta.get("preprocess", [])}
+        pixel, world = boxes_to_original(boxes, meta) if len(boxes) else (np.zeros((0, 4)), np.zeros((0, 4)))
+        found = [{"score": float(s), "label": int(lab), "voxel": [float(v) for v in pb],
+                  "pixel_xyxy": [float(pb[1] - 0.5), float(pb[0] - 0.5), float(pb[3] - 0.5), float(pb[2] - 0.5)],
+                  "world_cxcywh": [float(v) for v in wb]}
+                 for s, lab, pb, wb in zip(scores, labels, pixel, world)]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(js, {"input": str(case.images[0]), "slices": list(original.meta.get("slices", [])),
+                         "run": str(run_dir), "coordinates": {
+            "voxel": "corner boxes (lo_row, lo_col, hi_row, hi_col) on the key slice, pixel i spans [i, i + 1)",
+            "pixel_xyxy": "DeepLesion's Bounding_boxes convention: x1, y1, x2, y2 with pixel centres at integers",
+            "world_cxcywh": "centre (x, y) and size (w, h) in mm on DL_info's pixel spacing, origin at pixel (0, 0)"},
+            "detections": found})
+        written.append(js)
+        _progress("predict", i, len(inputs), case.case_id, started)
     return written

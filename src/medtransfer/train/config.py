@@ -122,6 +122,9 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.2, gt=0, lt=1)  # data/splits.py train_val_test default
     test_fraction: float = Field(0.0, ge=0, lt=1)  # held out first, never trained or validated on (benchmarks)
     fold: Optional[int] = Field(None, ge=0)  # k-fold index; None: one hash-ordered train/val split
+    # auto: the dataset's own split where it has one (DeepLesion's Train_Val_Test, a MONAI datalist's
+    # training/validation lists; val_fraction and test_fraction then unused) and fold is None; random: always drawn
+    split: Literal["auto", "random"] = "auto"
     workers: int = Field(0, ge=0)
     cache_dir: Optional[Path] = None  # preprocessed-volume cache; None: <cache_root>/<pipeline hash>, else <out>/cache
     cache_root: Optional[Path] = None  # shared by runs (a grid: <grid>/cache/<task>), one cache per pipeline in it

@@ -297,8 +297,10 @@ class DetectionMetrics:
     def _per_image(self):
         st = self.state()
         det, gt, n = st["det"].numpy(), st["gt"].numpy(), self._n_images
-        det = det.reshape(-1, det.shape[1]) if det.size else np.zeros((0, 4))
         gt = gt.reshape(-1, gt.shape[1]) if gt.size else np.zeros((0, 3))
+        # no detections at all (an untrained model's validation): columns image, box, score, label all the same,
+        # as the box width is read from the lesions
+        det = det.reshape(-1, det.shape[1]) if det.size else np.zeros((0, gt.shape[1] + 1 if len(gt) else 4))
         return det, gt, n
 
     def compute(self) -> dict[str, float]:

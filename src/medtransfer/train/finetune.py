@@ -272,6 +272,38 @@ def _dataset(cfg: FinetuneConfig, out: Path):
     return checked_dataset(path, cfg.data.format, cfg.data.options), Path(path)
 
 
+SPLIT_SOURCES = {"deeplesion": "DL_info.csv column Train_Val_Test",
+                 "monai_detection": "the datalist's training/validation/test lists"}
+
+
+def _draw_split(cfg: FinetuneConfig, dataset, seed: int, targets, *, announce: bool = True):
+    """The dataset's own split when it has one (``description["split"]`` naming a val or test part), ``data.split``
+    is ``auto`` and no ``data.fold`` is asked for; else the hash-ordered split of data/splits.py. Either way
+    ``data.label_fraction`` subsets the training part; which one was taken is said on the console and in
+    ``split.json`` (``method``: ``dataset`` with its ``source``)."""
+    from ..data.splits import dataset_split, make_split
+
+    ids = [c.case_id for c in dataset.cases]
+    parts = dataset.description.get("split") or {}
+    own = bool(parts) and set(parts.values()) != {"train"}
+    if own and cfg.data.split == "auto" and cfg.data.fold is None:
+        source = SPLIT_SOURCES.get(dataset.format, f"the {dataset.format} dataset's description")
+        split = dataset_split(parts, ids, fraction=cfg.data.label_fraction, seed=seed, targets=targets,
+                              source=source)
+        if announce:
+            log.warning("split: the dataset's own (%s): %d train, %d val, %d test cases; data.val_fraction and "
+                        "data.test_fraction unused (data.split: random draws one instead)", source,
+                        len(split.train), len(split.val), len(split.test))
+        return split
+    if own and announce:
+        why = "data.split is random" if cfg.data.split == "random" else f"data.fold is {cfg.data.fold}"
+        log.warning("split: the dataset has its own split, not used (%s); drawn from data.val_fraction and "
+                    "data.test_fraction", why)
+    return make_split(ids, val=cfg.data.val_fraction, test=cfg.data.test_fraction,
+                      k=5 if cfg.data.fold is not None else None, fold=cfg.data.fold,
+                      fraction=cfg.data.label_fraction, seed=seed, targets=targets)
+
+
 def checked_dataset(path: str | Path, format: str = "auto", options: Optional[dict[str, Any]] = None):
     """Parse the dataset at ``path`` and run the dataset check; any problem stops here, before training."""
     from ..data.check import check_dataset
@@ -445,7 +477,7 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     from .. import provenance
     from ..data.cache import PreparedCache
     from ..data.preprocess import build_pipeline
-    from ..data.splits import Split, make_split
+    from ..data.splits import Split
     from .checkpoint import check_run_folder, clear_run, load_run_checkpoint
     from .losses import build_loss
     from .metrics import build_metrics, metric_for
@@ -497,9 +529,7 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
     if resume:  # the split of a run is written once: the resumed steps train on the cases the first ones did
         split = Split.load(out / "split.json")
     else:
-        split = make_split([c.case_id for c in dataset.cases], val=cfg.data.val_fraction,
-                           test=cfg.data.test_fraction, k=5 if cfg.data.fold is not None else None,
-                           fold=cfg.data.fold, fraction=cfg.data.label_fraction, seed=seed, targets=targets)
+        split = _draw_split(cfg, dataset, seed, targets, announce=main)
     pipeline = build_pipeline(preset=contract["preset"], spacing=contract["spacing"])
     cache_dir = _cache_dir(cfg, out, pipeline)
     if main and overwrite:
@@ -538,6 +568,8 @@ def run_finetune(cfg: FinetuneConfig | str | Path | dict, *, resume: bool = Fals
         if not resume or changed:
             dump_config(cfg, out / "config.yaml")
         if not resume:
+            contract["split"] = {"method": split.method, **({"source": split.params["source"]}
+                                                           if split.method == "dataset" else {})}
             _write_json(out / "contract.json", contract)
             split.save(out / "split.json")
             _write_json(out / "run.json", run)

@@ -98,8 +98,8 @@ def test_the_grid_prepares_each_case_once_per_pipeline(full):
 
 def test_keep_best_leaves_weights_only_and_no_last_pt(full, data, tmp_path):
     out, _, writes = full
-    assert set(writes) == {"best.pt"}  # save_last: never inside a grid; best.pt only on an improvement
-    assert len(writes) <= 6 * 2  # at most one write per validation (2 per run)
+    # save_last: never and save_best: end inside a grid: one write per run, its best weights at its end
+    assert writes == ["best.pt"] * 6
     run = out / "runs" / "seg" / "fast" / "f1" / "s1"
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["best.pt"]
     state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
@@ -146,7 +146,9 @@ def test_a_killed_grid_with_keep_best_resumes_to_the_same_store(full, data, tmp_
     assert Counter(v[0] for v in partial.values()) == {"done": 3, "running": 1, "pending": 2}
     killed = next(r for r, v in partial.items() if v[0] == "running")
     assert killed == "seg/scratch/f1/s1"
-    assert (out / "runs" / killed / "checkpoints" / "best.pt").is_file()  # a killed run keeps its files
+    # a killed run keeps its folder; its best weights were only in memory (save_best: end), the redo writes them
+    assert (out / "runs" / killed / "config.yaml").is_file()
+    assert not (out / "runs" / killed / "checkpoints" / "best.pt").exists()
 
     monkeypatch.setattr(loop._Run, "optimizer_step", real_step)
     grid.run_benchmark(_config(data), out=out, progress=False)
@@ -203,9 +205,9 @@ def test_storage_values_sit_under_the_configs_own(tmp_path):
     cfg = grid.load_benchmark_config({"inits": [{"name": "scratch"}], "tasks": [{"name": "seg"}], "keep": "all"})
     cell = grid.cells(cfg)[0]
     assert grid.storage_config(cfg, cell, tmp_path) == {"data": {"cache_root": str(tmp_path / "cache" / "seg")},
-                                                        "train": {"save_last": "end"}}
+                                                        "train": {"save_last": "end", "save_best": "end"}}
     assert grid.storage_config(cfg.model_copy(update={"keep": "best"}), cell, tmp_path)["train"] == {
-        "save_last": "never"}
+        "save_last": "never", "save_best": "end"}
 
 
 @pytest.mark.parametrize("keep, left", [("best", []), ("all", ["best.pt", "last.pt"])])

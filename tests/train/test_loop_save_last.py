@@ -22,7 +22,7 @@ _spec.loader.exec_module(worker)
 COMMON = dict(max_epochs=None, max_steps=8, val_every=2, val_interval="step", optim="adam", lr=0.01)
 
 
-def _run(tmp_path: Path, monkeypatch, save_last: str) -> tuple[list[tuple[str, int]], list[dict]]:
+def _run(tmp_path: Path, monkeypatch, save_last: str, **train) -> tuple[list[tuple[str, int]], list[dict]]:
     writes: list[tuple[str, int]] = []
     real = loop.save_run_checkpoint
 
@@ -31,9 +31,10 @@ def _run(tmp_path: Path, monkeypatch, save_last: str) -> tuple[list[tuple[str, i
         return real(path, state)
 
     monkeypatch.setattr(loop, "save_run_checkpoint", counting)
-    model, train, val, kwargs = worker.make_run(2, save_last=save_last, **COMMON)
-    loop.fit(model, train, val, run_dir=tmp_path / save_last, **kwargs)
-    records = [json.loads(x) for x in (tmp_path / save_last / "metrics.jsonl").read_text().splitlines()]
+    model, loader, val, kwargs = worker.make_run(2, save_last=save_last, **{**COMMON, **train})
+    name = "-".join([save_last, *map(str, train.values())])
+    loop.fit(model, loader, val, run_dir=tmp_path / name, **kwargs)
+    records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return writes, records
 
 
@@ -70,3 +71,23 @@ def test_validation_records_carry_step_and_time(tmp_path, monkeypatch):
     assert [r["step"] for r in vals] == [2, 4, 6, 8]
     times = [r["time"] for r in vals]
     assert all(isinstance(t, float) and t > 0 for t in times) and times == sorted(times)
+
+
+def test_save_best_end_writes_the_best_weights_once_and_the_same_ones(tmp_path, monkeypatch):
+    every, records = _run(tmp_path, monkeypatch, "never")
+    every = list(every)  # the second run's counter wraps the first one's, which goes on counting
+    once, records_end = _run(tmp_path, monkeypatch, "never", save_best="end")
+    improving = _improving(records)
+    assert records_end == [dict(r, time=e["time"], data_wait=e["data_wait"]) for r, e in zip(records, records_end)]
+    assert len(improving) > 1 and every == [("best.pt", s) for s in improving]
+    assert once == [("best.pt", improving[-1])]  # one write, at the end, of the last improvement
+    a = torch.load(tmp_path / "never" / "checkpoints" / "best.pt", weights_only=True)
+    b = torch.load(tmp_path / "never-end" / "checkpoints" / "best.pt", weights_only=True)
+    assert a.keys() == b.keys() and a["step"] == b["step"] and a["metric"] == b["metric"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_save_best_end_needs_a_run_that_is_not_resumed_mid_way():
+    with pytest.raises(ValueError, match="save_best: end .* save_last: end or never"):
+        loop.TrainConfig(max_steps=2, save_best="end")
+    assert loop.TrainConfig(max_steps=2, save_best="end", save_last="end").save_best == "end"

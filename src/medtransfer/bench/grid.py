@@ -145,9 +145,11 @@ def storage_config(cfg: BenchmarkConfig, cell: dict[str, Any], grid_dir: Path) -
     """How a cell's run uses the disk, merged under its fine-tune config (a value the config gives wins): the
     task's shared cache root (``data.cache_root``: one prepared cache per dataset and pipeline for the whole grid),
     and ``train.save_last``: ``never`` (a cell interrupted is run again from its start, so ``last.pt`` would only
-    be written and removed), ``end`` under ``keep: all``. None of it changes a run's result."""
+    be written and removed), ``end`` under ``keep: all``; ``train.save_best: end`` (the best weights are held in
+    memory and written once, when the run ends, instead of at every improving validation). None of it changes a
+    run's result."""
     return {"data": {"cache_root": str(grid_dir / "cache" / cell["task"])},
-            "train": {"save_last": "end" if cfg.keep == "all" else "never"}}
+            "train": {"save_last": "end" if cfg.keep == "all" else "never", "save_best": "end"}}
 
 
 def apply_keep(keep: str, run_dir: Union[str, Path, None]) -> None:

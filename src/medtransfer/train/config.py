@@ -236,11 +236,17 @@ class TrainConfig(_Section):
     freeze_encoder_steps: int = Field(0, ge=-1)
     # when last.pt (what --resume needs) is written: every_validation (and epoch and run ends), end, never (grids)
     save_last: Literal["every_validation", "end", "never"] = "every_validation"
+    # when best.pt is written: at every improvement, or once at the end from a copy held in memory (grids: a run
+    # that is never resumed mid-way writes its weights once instead of once per improving validation)
+    save_best: Literal["every_improvement", "end"] = "every_improvement"
 
     @model_validator(mode="after")
     def _has_limit(self) -> TrainConfig:
         if self.max_epochs is None and self.max_steps is None:
             raise ValueError("set max_epochs or max_steps (or both); without either the run never ends")
+        if self.save_best == "end" and self.save_last == "every_validation":
+            raise ValueError("save_best: end holds the best weights in memory, which a run resumed mid-way from "
+                             "last.pt would not have; use it with save_last: end or never")
         return self
 
 

@@ -4,7 +4,8 @@ Per micro-batch: forward (under autocast when ``train.amp`` asks for it on CUDA)
 (through a GradScaler for fp16); every ``accum_steps`` micro-batches (and at the end of an epoch with a remainder):
 unscale, clip the global gradient norm (``train.grad_clip``), ``optimizer.step()``, ``schedule.step_batch()``.
 Validation every ``val_every`` epochs or steps (``val_interval``) gives the val loss and the task metrics;
-``best.pt`` (weights, step and metric only) is written when ``monitor`` improves; ``last.pt`` (everything a resume
+``best.pt`` (weights, step and metric only) is written when ``monitor`` improves (or, with ``train.save_best:
+end``, once at the run's end from a copy of the best weights held in memory); ``last.pt`` (everything a resume
 needs) as ``train.save_last`` says: at every validation, epoch end and the run's end (the default), at the end only,
 or never; both atomically and on rank 0 only. ``resume=True`` restores every counter and random generator from
 ``last.pt`` and, mid-epoch, replays the epoch's data order up to the batches already done, so a resumed run ends with
@@ -165,6 +166,7 @@ class _Run(_Steps):
         self.epoch_rng: Optional[dict] = None
         self.resumed: Optional[dict] = None
         self.saved_step: Optional[int] = None  # the step of the last.pt on disk, for the Ctrl-C message
+        self.pending_best: Optional[dict[str, Any]] = None  # best.pt held in memory (train.save_best: end)
         self.stopped_early = False
 
         self.n_batches = _len_or_none(train_loader)
@@ -273,11 +275,22 @@ class _Run(_Steps):
         self.saved_step = self.step
 
     def save_best(self, value: float) -> None:
-        if self.main:
-            save_run_checkpoint(self.ckpt_dir / "best.pt", {
-                "model": self.base.state_dict(), "step": self.step, "epoch": self.epoch, "metric": value,
-                "monitor": self.monitor_name,
-            })
+        """``best.pt`` now (``train.save_best: every_improvement``), or a copy in memory that :meth:`write_best`
+        writes once when the run ends (``end``)."""
+        if not self.main:
+            return
+        state = {"model": self.base.state_dict(), "step": self.step, "epoch": self.epoch, "metric": value,
+                 "monitor": self.monitor_name}
+        if self.cfg.save_best == "end":
+            state["model"] = {k: v.detach().clone() for k, v in state["model"].items()}
+            self.pending_best = state
+        else:
+            save_run_checkpoint(self.ckpt_dir / "best.pt", state)
+
+    def write_best(self) -> None:
+        state, self.pending_best = self.pending_best, None
+        if state is not None:
+            save_run_checkpoint(self.ckpt_dir / "best.pt", state)
 
     def write_record(self, val: Optional[dict[str, float]]) -> None:
         elapsed = time.perf_counter() - self.window_start
@@ -333,6 +346,7 @@ class _Run(_Steps):
             self.end_epoch()
         if self.loss_window:
             self.write_record(None)
+        self.write_best()
         self.save_last(final=True)
 
     def total_steps(self) -> tuple[Optional[int], bool]:

@@ -425,11 +425,7 @@ def predict(
             raise MedTransferError(f"{path}: {has} channel(s), but the run at {run_dir} is a {want}D model of "
                                    f"{channels} input channel(s); give it {want}D images with {channels} channel(s)")
     targets = plan_output_paths(paths, out_dir, fmt)
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise MedTransferError(f"{len(existing)} output file(s) exist already, nothing was written: "
-                               f"{', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}; choose another "
-                               "--out folder or pass --overwrite")
+    _refuse_existing(targets, overwrite)
     summary_path = out_dir / "summary.json"
     earlier = _earlier_predictions(summary_path, overwrite)
     written, cases = [], []
@@ -472,6 +468,15 @@ def _earlier_predictions(path: Path, overwrite: bool) -> list[dict[str, Any]]:
                                "it away, choose another --out folder or pass --overwrite") from None
 
 
+def _refuse_existing(targets: list[Path], overwrite: bool) -> None:
+    """Refuse, before anything is written, to replace output files that exist (unless ``overwrite``)."""
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise MedTransferError(f"{len(existing)} output file(s) exist already, nothing was written: "
+                               f"{', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}; choose another "
+                               "--out folder or pass --overwrite")
+
+
 def _mm(spacing) -> str:
     return "x".join(f"{float(v):g}" for v in spacing)
 
@@ -504,11 +509,7 @@ def _predict_detection(cfg, run: dict[str, Any], model, run_dir: Path, paths: li
     jsons = [m.parent / (m.name[: -len("".join(m.suffixes))] + ".boxes.json") if m.suffixes else
              m.with_name(m.name + ".boxes.json") for m in maps]
     planned = jsons + (maps if box_labels else [])
-    existing = [str(t) for t in planned if t.exists()]
-    if existing and not overwrite:
-        raise MedTransferError(f"{len(existing)} output file(s) exist already, nothing was written: "
-                               f"{', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}; choose another "
-                               "--out folder or pass --overwrite")
+    _refuse_existing(planned, overwrite)
     pipeline = Pipeline.from_dict(run["pipeline"])
     written: list[Path] = []
     for i, (path, js, lm) in enumerate(zip(paths, jsons, maps), 1):
@@ -592,11 +593,7 @@ def _predict_25d(cfg, run: dict[str, Any], model, run_dir: Path, paths: list[Pat
 
     inputs = _deeplesion_inputs(cfg, paths)
     jsons = [out_dir / f"{case.case_id}.boxes.json" for _, case in inputs]
-    existing = [str(t) for t in jsons if t.exists()]
-    if existing and not overwrite:
-        raise MedTransferError(f"{len(existing)} output file(s) exist already, nothing was written: "
-                               f"{', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}; choose another "
-                               "--out folder or pass --overwrite")
+    _refuse_existing(jsons, overwrite)
     pipeline = Pipeline.from_dict(run["pipeline"])
     written: list[Path] = []
     for i, ((dataset, case), js) in enumerate(zip(inputs, jsons), 1):

@@ -7,7 +7,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 
 import medtransfer as mt
-import medtransfer.zoo.swin_unetr  # noqa: F401  (MONAI's Swin code needs einops or the stand-in this installs)
+import medtransfer.zoo.monai_nets  # noqa: F401  (MONAI's Swin code needs einops or the stand-in this installs)
 from medtransfer.zoo.tools import describe_model
 
 X = torch.randn(1, 1, 32, 32, 64, generator=torch.Generator().manual_seed(0))

@@ -19,81 +19,15 @@ interface): state_dict keys are MONAI's (``convInit.``, ``down_layers.``, ``up_l
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
-from monai.networks.nets import SegResNet
 
-from .heads import ClassificationHead
 from .pretrained import PretrainedCfg
 from .registry import ZooModel, register_model
-from .resnet3d_trunk import _check_common
 from .swin_unetr import SUPREM_LICENSE, SUPREM_NOTES, SUPREM_PRETRAINING, _SUPREM, ABDOMEN_WINDOW
 
 _DECODER_PARTS = ("up_layers", "up_samples", "conv_final")
-
-
-class SegResNetModel(SegResNet, ZooModel):
-    """MONAI ``SegResNet`` with ``forward_features``, ``encoder_prefixes`` and ``first_conv_keys``."""
-
-    encoder_prefixes = ("convInit.", "down_layers.")
-    first_conv_keys = ("convInit.conv.weight",)
-
-    def __init__(
-        self,
-        *,
-        task: str,
-        num_classes: int | None,
-        in_channels: int = 1,
-        spatial_dims: int = 3,
-        init_filters: int = 16,
-        blocks_down: Sequence[int] = (1, 2, 2, 4),
-        blocks_up: Sequence[int] = (1, 1, 1),
-        num_groups: int = 8,
-        dropout_prob: float | None = None,
-        upsample_mode: str = "nontrainable",
-    ):
-        _check_common(task, num_classes, in_channels)
-        if len(blocks_up) != len(blocks_down) - 1:
-            raise ValueError(f"blocks_up needs one entry less than blocks_down ({len(blocks_down) - 1}), "
-                             f"got {tuple(blocks_up)}")
-        super().__init__(
-            spatial_dims=spatial_dims,
-            init_filters=init_filters,
-            in_channels=in_channels,
-            out_channels=num_classes if task == "segmentation" else 1,
-            dropout_prob=dropout_prob,
-            norm=("GROUP", {"num_groups": num_groups}),
-            blocks_down=tuple(blocks_down),
-            blocks_up=tuple(blocks_up),
-            upsample_mode=upsample_mode,
-        )
-        self.task = task
-        self.divisor = 2 ** (len(blocks_down) - 1)
-        self.out_channels = init_filters * self.divisor
-        if task != "segmentation":
-            for name in _DECODER_PARTS:
-                delattr(self, name)
-            if task == "classification":
-                self.classifier = ClassificationHead(self.out_channels, num_classes)
-
-    def _check_size(self, x: torch.Tensor) -> None:
-        if x.ndim != self.spatial_dims + 2 or any(s % self.divisor for s in x.shape[2:]):
-            raise ValueError(f"segresnet ({self.spatial_dims}D, {len(self.blocks_down)} levels) needs an input "
-                             f"(N, C, {', '.join(['S'] * self.spatial_dims)}) with every S a multiple of "
-                             f"{self.divisor}, got shape {tuple(x.shape)}")
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The deepest level of MONAI's ``encode``: ``(N, init_filters * divisor, *size / divisor)``."""
-        self._check_size(x)
-        return self.encode(x)[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.task == "segmentation":
-            self._check_size(x)
-            return super().forward(x)
-        feats = self.forward_features(x)
-        return feats if self.task == "features" else self.classifier(feats)
 
 
 def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> tuple[int, ...]:
@@ -175,7 +109,9 @@ SEGRESNET_BRATS = PretrainedCfg(
 
 def _entry(spatial_dims: int):
     def build(*, task: str = "segmentation", num_classes: int | None = 2, in_channels: int = 1,
-              **kwargs: Any) -> SegResNetModel:
+              **kwargs: Any) -> ZooModel:
+        from .monai_nets import SegResNetModel
+
         return SegResNetModel(task=task, num_classes=num_classes, in_channels=in_channels,
                               spatial_dims=spatial_dims, **kwargs)
 

@@ -17,25 +17,18 @@ file saved from a MONAI ``SwinUNETR`` loads key for key.
   segmentation), MONAI's research release also has 24 and 12.
 - MONAI 1.6 removed the ``img_size`` argument; files saved with it load all the same (it never made tensors).
 - MONAI's Swin code moves channels with ``einops.rearrange``, an optional MONAI dependency. Without einops
-  installed, :func:`permute_like_einops` stands in for it (the patterns MONAI uses are pure axis permutations).
+  installed, :func:`permute_like_einops` stands in for it (the patterns MONAI uses are pure axis permutations);
+  :mod:`.monai_nets`, which holds the network class and imports MONAI only when a model is built, installs it.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-import contextlib
-
-import monai.networks.nets.swin_unetr as _monai_swin
 import torch
-from monai.networks.nets import SwinUNETR
-from torch.overrides import TorchFunctionMode
 
-from .heads import ClassificationHead
 from .pretrained import PretrainedCfg
 from .registry import ZooModel, register_model
-from .resnet3d_trunk import _check_common
 
 # MONAI's modules outside the transformer encoder: only the segmentation network keeps them.
 _CNN_PARTS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10",
@@ -55,83 +48,6 @@ def permute_like_einops(x: torch.Tensor, pattern: str) -> torch.Tensor:
     if sorted(src) != sorted(dst) or len(set(src)) != len(src) or len(src) != x.ndim:
         raise ValueError(f"pattern {pattern!r} is not a permutation of a {x.ndim}-D tensor's axes; install einops")
     return x.permute([src.index(name) for name in dst])
-
-
-if importlib.util.find_spec("einops") is None:
-    _monai_swin.rearrange = permute_like_einops
-
-
-class _HostLinspace(TorchFunctionMode):
-    """MONAI's SwinTransformer reads its drop-path rates with ``linspace(...).item()``, which a meta tensor cannot
-    do; under ``torch.device("meta")`` (zoo list, zoo inspect) that one linspace is made on the CPU."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.linspace:
-            kwargs["device"] = "cpu"
-        return func(*args, **kwargs)
-
-
-class SwinUNETRModel(SwinUNETR, ZooModel):
-    """MONAI ``SwinUNETR`` with ``forward_features``, ``encoder_prefixes`` and ``first_conv_keys``."""
-
-    encoder_prefixes = ("swinViT.",)
-
-    def __init__(
-        self,
-        *,
-        task: str,
-        num_classes: int | None,
-        in_channels: int = 1,
-        spatial_dims: int = 3,
-        feature_size: int = 48,
-        depths: Sequence[int] = (2, 2, 2, 2),
-        num_heads: Sequence[int] = (3, 6, 12, 24),
-        norm_name: str = "instance",
-        use_v2: bool = False,
-        dropout_path_rate: float = 0.0,
-        use_checkpoint: bool = False,
-    ):
-        _check_common(task, num_classes, in_channels)
-        on_meta = torch.empty(()).device.type == "meta"
-        with _HostLinspace() if on_meta else contextlib.nullcontext():
-            super().__init__(
-                in_channels=in_channels,
-                out_channels=num_classes if task == "segmentation" else 1,
-                feature_size=feature_size,
-                depths=tuple(depths),
-                num_heads=tuple(num_heads),
-                norm_name=norm_name,
-                use_v2=use_v2,
-                dropout_path_rate=dropout_path_rate,
-                use_checkpoint=use_checkpoint,
-                spatial_dims=spatial_dims,
-            )
-        self.task = task
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = 16 * feature_size
-        if task == "segmentation":
-            # the residual UNETR block on the raw image sees the input too: conv1 and its 1x1 shortcut conv3
-            self.first_conv_keys = ("swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight",
-                                    "encoder1.layer.conv3.conv.weight")
-        else:
-            for name in _CNN_PARTS:
-                delattr(self, name)
-            self.first_conv_keys = ("swinViT.patch_embed.proj.weight",)
-            if task == "classification":
-                self.classifier = ClassificationHead(self.out_channels, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The swinViT's last stage, ``(N, 16 * feature_size, *size / 32)``, as MONAI's forward uses it."""
-        self._check_input_size(x.shape[2:])
-        return self.swinViT(x, self.normalize)[4]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.task == "segmentation":
-            return super().forward(x)
-        feats = self.forward_features(x)
-        return feats if self.task == "features" else self.classifier(feats)
 
 
 def _count_blocks(sd: Mapping[str, torch.Tensor], stage: int) -> int:
@@ -255,7 +171,9 @@ SWIN_SUPREM = PretrainedCfg(
 
 def _entry(spatial_dims: int):
     def build(*, task: str = "segmentation", num_classes: int | None = 2, in_channels: int = 1,
-              **kwargs: Any) -> SwinUNETRModel:
+              **kwargs: Any) -> ZooModel:
+        from .monai_nets import SwinUNETRModel
+
         return SwinUNETRModel(task=task, num_classes=num_classes, in_channels=in_channels,
                               spatial_dims=spatial_dims, **kwargs)
 

@@ -46,9 +46,9 @@ def _load_run(run_dir: Path):
     if not ckpt.is_file():
         ckpt = run_dir / "checkpoints" / "last.pt"
     if not ckpt.is_file() and not ckpt.parent.exists() and (run_dir / "metrics.jsonl").is_file():
-        raise MedTransferError(f"{run_dir}: the run finished but keeps no weights (a benchmark with keep: none "
-                               "removes them once the run is recorded); run the grid with keep: best to evaluate "
-                               "or predict later")
+        raise MedTransferError(f"{run_dir}: the run keeps no weights (a benchmark with keep: none removes them "
+                               "once the run is recorded, and a grid run stopped before its end has not written "
+                               "them yet); run the grid with keep: best to evaluate or predict later")
     if not ckpt.is_file():
         raise MedTransferError(f"{run_dir}: no checkpoints/best.pt (or last.pt); the run has not saved a model yet")
     from .checkpoint import read_run_checkpoint
